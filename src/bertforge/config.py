@@ -1,0 +1,193 @@
+"""Typed run configs: nested stdlib dataclasses, an optional YAML/TOML file, dotted CLI overrides.
+
+    cfg = load_run_config(PretrainRunConfig, file="configs/tiny-smoke.yaml", overrides=["optim.lr=1e-3"])
+
+Rules: unknown keys are errors (with the known ones listed), values are checked against the field's
+type, and `config_to_dict` gives the resolved config that is saved next to every checkpoint so resume
+and serving need no flags. A `model` section may name a preset (`model.preset=mini`) and override
+any `BertConfig` field on top of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bertforge.errors import BertforgeError
+
+T = TypeVar("T")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr|d)?\s*$")
+_UNIT_SECONDS = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "d": 86400}
+
+
+def parse_duration(text: str | float | int | None) -> float | None:
+    """'90', '90s', '15m', '1.5h' -> seconds; None stays None."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else float(text)
+    m = _DURATION.match(str(text))
+    if not m:
+        raise BertforgeError(f"duration '{text}' not understood: write seconds or a number with s, m or h (e.g. 45m)")
+    return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a parsed value against a field type (Optional, Union, list, tuple, scalars)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except BertforgeError as e:
+                errors.append(str(e))
+        raise BertforgeError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise BertforgeError(f"{where}: expected a section (mapping), got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise BertforgeError(f"{where}: expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        items = [_coerce(v, item_tp, where) for v in value]
+        return tuple(items) if origin is tuple else items
+    if tp is Any or tp is dict or origin is dict:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise BertforgeError(f"{where}: expected true/false, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise BertforgeError(f"{where}: expected a number, got {value!r}") from None
+    if tp is int:
+        if isinstance(value, bool):
+            raise BertforgeError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(e\d+)?", value.replace("_", "")):
+            return int(float(value.replace("_", "")))
+        raise BertforgeError(f"{where}: expected an integer, got {value!r}")
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise BertforgeError(f"{where}: expected text, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
+    """Build a (nested) dataclass from a dict; unknown keys are errors naming the known ones."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise BertforgeError(f"unknown key(s) {', '.join(where + '.' + k for k in unknown)}: "
+                             f"known keys are {', '.join(sorted(known))}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A YAML (.yaml/.yml), TOML (.toml) or JSON file -> nested dict."""
+    p = Path(path)
+    if not p.is_file():
+        raise BertforgeError(f"config file '{path}' does not exist: pass a .yaml, .toml or .json file")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif p.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise BertforgeError(f"config file '{path}': unknown extension, use .yaml, .toml or .json")
+    except BertforgeError:
+        raise
+    except Exception as e:  # parser errors carry line numbers; keep them on one line
+        raise BertforgeError(f"config file '{path}' does not parse: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise BertforgeError(f"config file '{path}' must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'optim.lr=1e-3' -> (['optim', 'lr'], 0.001); values parse as YAML scalars/lists."""
+    if "=" not in item:
+        raise BertforgeError(f"override '{item}' has no '=': write section.key=value, e.g. optim.lr=1e-3")
+    key, raw = item.split("=", 1)
+    import yaml
+
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def merge_into(base: dict, path: list[str], value: Any) -> None:
+    node = base
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise BertforgeError(f"override '{'.'.join(path)}': '{part}' is a value, not a section")
+    node[path[-1]] = value
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_run_config(cls: type[T], *, file: str | Path | None = None, overrides: list[str] | None = None,
+                    base: dict | None = None) -> T:
+    """defaults <- base dict <- file <- dotted overrides, validated into `cls`."""
+    data: dict = dict(base or {})
+    if file is not None:
+        data = deep_merge(data, read_config_file(file))
+    for item in overrides or []:
+        path, value = parse_override(item)
+        merge_into(data, path, value)
+    return from_dict(cls, data)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as JSON atomically."""
+    from bertforge.train.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(config_to_dict(cfg), indent=2, sort_keys=False) + "\n")

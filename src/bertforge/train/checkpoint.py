@@ -1,0 +1,153 @@
+"""Atomic checkpoints: write into a temporary sibling, fsync, rename. Keep the last N plus the best.
+
+Layout of a run directory:
+
+    run/
+      config.json            resolved run config
+      metrics.jsonl          one JSON object per logged step / evaluation
+      checkpoints/
+        step_00001000/       trainer state (state.pt) + the model in our format (config.json, model.safetensors)
+        step_00002000/
+        best -> step_...     (a plain text file `best` naming the best step directory)
+        latest               (a plain text file naming the newest complete checkpoint)
+
+A killed save leaves only a `.tmp-*` directory, which the next save removes; `latest` is replaced
+atomically after the directory rename, so it always names a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bertforge.errors import BertforgeError
+
+STATE_FILE = "state.pt"
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_torch(obj: Any, path: Path) -> None:
+    """torch.save into a temp file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+class CheckpointManager:
+    """Saves trainer states under `root/step_XXXXXXXX`, keeps the last `keep_last` and the best."""
+
+    def __init__(self, root: str | Path, keep_last: int = 2):
+        self.root = Path(root)
+        self.keep_last = max(1, keep_last)
+
+    def step_dir(self, step: int) -> Path:
+        return self.root / f"step_{step:08d}"
+
+    def save(self, step: int, state: dict, write_model=None, *, is_best: bool = False) -> Path:
+        """Write `state` (and the model via `write_model(dir)`) atomically as checkpoint `step`."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        final = self.step_dir(step)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
+        try:
+            torch.save(state, tmp / STATE_FILE)
+            if write_model is not None:
+                write_model(tmp)
+            for f in tmp.iterdir():
+                if f.is_file():
+                    with open(f, "rb+") as fh:
+                        os.fsync(fh.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        atomic_write_text(self.root / "latest", final.name + "\n")
+        if is_best:
+            atomic_write_text(self.root / "best", final.name + "\n")
+        self._prune()
+        return final
+
+    def _pointer(self, name: str) -> Path | None:
+        f = self.root / name
+        if not f.is_file():
+            return None
+        d = self.root / f.read_text().strip()
+        return d if (d / STATE_FILE).is_file() else None
+
+    def latest(self) -> Path | None:
+        found = self._pointer("latest")
+        if found is not None:
+            return found
+        complete = sorted(d for d in self.root.glob("step_*") if (d / STATE_FILE).is_file())
+        return complete[-1] if complete else None
+
+    def best(self) -> Path | None:
+        return self._pointer("best")
+
+    def _prune(self) -> None:
+        keep = {p.name for p in (self.latest(), self.best()) if p is not None}
+        steps = sorted(d for d in self.root.glob("step_*") if d.is_dir())
+        for d in steps[:-self.keep_last]:
+            if d.name not in keep:
+                shutil.rmtree(d, ignore_errors=True)
+
+    def load(self, path: Path | None = None) -> dict:
+        path = path or self.latest()
+        if path is None:
+            raise BertforgeError(f"no checkpoint found in '{self.root}': start without --resume or point to a run directory")
+        try:
+            return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise BertforgeError(f"checkpoint '{path}' cannot be read ({type(e).__name__}): "
+                                 f"resume from an earlier one or start over") from None

@@ -1,0 +1,373 @@
+"""One Trainer for pretraining and every fine-tuning task; tasks differ by model head, batches and metric.
+
+The Trainer is stateful (torchtitan-style): model, optimizer, scheduler, grad scaler, step, tokens,
+elapsed budget, RNG states and the batch source's position all go into `state_dict()`, so a run
+killed at any point resumes exactly (bitwise on CPU fp32).
+
+    trainer = Trainer(model, optimizer, scheduler, batches, cfg, evaluate=fn)
+    trainer.maybe_resume()        # when cfg.resume
+    summary = trainer.fit()
+
+`batches` is any object with `next_batch() -> dict[str, Tensor]`, `state_dict()` and
+`load_state_dict()`. `model(**batch)` returns an object with `.loss`. `evaluate(model) -> dict`
+returns validation metrics (lower `eval_loss` is better unless `cfg.best_metric` says otherwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bertforge.errors import BertforgeError
+from bertforge.train import distributed as dist
+from bertforge.train.checkpoint import CheckpointManager
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/run"
+    batch_size: int = 32  # per process, per micro-batch
+    grad_accum: int = 1
+    max_steps: int | None = None  # optimizer steps
+    max_tokens: int | None = None  # non-padding tokens seen, all processes
+    time_budget: str | None = None  # wall clock, e.g. "1h", "45m"
+    precision: str = "fp32"  # fp32 | bf16 (autocast, CPU/CUDA) | fp16 (autocast + GradScaler, CUDA)
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # steps; 0 = only at the end
+    eval_every_minutes: float = 0.0
+    save_every: int = 0  # steps; 0 = only at the end
+    save_every_minutes: float = 0.0
+    keep_last: int = 2
+    best_metric: str = "eval_loss"
+    greater_is_better: bool = False
+    resume: bool = False
+    loss_threshold: float | None = None  # stop if train loss stays above it ...
+    loss_threshold_after: float = 0.25  # ... once this share of the budget is spent
+    progress: bool = True
+    tensorboard: bool = False
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise BertforgeError(f"train.precision '{self.precision}': use one of {', '.join(PRECISIONS)}")
+        if self.max_steps is None and self.max_tokens is None and self.time_budget is None:
+            raise BertforgeError("no stopping rule: set train.max_steps, train.max_tokens or train.time_budget")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise BertforgeError("train.batch_size and train.grad_accum must be at least 1")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if dist.is_distributed() and torch.cuda.is_available():
+            return torch.device("cuda", dist.local_rank())
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BertforgeError(f"device '{name}' requested but CUDA is not available: use train.device=cpu")
+    return device
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batches: Any,
+                 cfg: TrainConfig, *, evaluate: Callable[[nn.Module], dict] | None = None,
+                 save_model: Callable[[nn.Module, Path], None] | None = None, run_config: dict | None = None,
+                 clip_grad_norm: float | None = None):
+        cfg.validate()
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        if cfg.precision == "fp16" and self.device.type != "cuda":
+            raise BertforgeError("train.precision=fp16 needs a CUDA device: use bf16 or fp32 on CPU")
+        self.model = model.to(self.device)  # the unwrapped module: saved, evaluated
+        self.optimizer, self.scheduler, self.batches = optimizer, scheduler, batches
+        self.evaluate_fn, self.save_model_fn, self.run_config = evaluate, save_model, run_config or {}
+        self.clip_grad_norm = clip_grad_norm
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
+        self.step, self.tokens, self.elapsed = 0, 0, 0.0
+        self.best: float | None = None
+        self.budget_seconds = None
+        if cfg.time_budget is not None:
+            from bertforge.config import parse_duration
+
+            self.budget_seconds = parse_duration(cfg.time_budget)
+        self.out = Path(cfg.output_dir)
+        self.ckpt = CheckpointManager(self.out / "checkpoints", cfg.keep_last)
+        self.train_model = self._wrap(model)
+        self.log_file = None
+        self.tb = None
+
+    # ---------------------------------------------------------------- setup
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        wrapped = model
+        if dist.is_distributed():
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            wrapped = DDP(model, device_ids=ids)
+        if self.cfg.compile:
+            wrapped = torch.compile(wrapped)
+        return wrapped
+
+    def autocast(self):
+        if self.cfg.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed, "best": self.best,
+            "batches": self.batches.state_dict(),
+            "rng": rng_state(),
+            "config": self.run_config,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.tokens, self.elapsed, self.best = state["step"], state["tokens"], state["elapsed"], state["best"]
+        self.batches.load_state_dict(state["batches"])
+        set_rng_state(state["rng"])
+
+    def maybe_resume(self) -> bool:
+        """Load the latest checkpoint when cfg.resume and one exists; True if resumed."""
+        if not self.cfg.resume:
+            return False
+        path = self.ckpt.latest()
+        if path is None:
+            dist.print0(f"resume: no checkpoint in {self.ckpt.root}, starting fresh")
+            return False
+        self.load_state_dict(self.ckpt.load(path))
+        dist.print0(f"resumed from {path} at step {self.step} ({self.elapsed:.0f}s of budget used)")
+        return True
+
+    def save_checkpoint(self, is_best: bool = False) -> Path | None:
+        if not dist.is_main():
+            return None
+
+        def write_model(d: Path) -> None:
+            if self.save_model_fn is not None:
+                self.save_model_fn(self.model, d)
+
+        return self.ckpt.save(self.step, self.state_dict(), write_model, is_best=is_best)
+
+    # ---------------------------------------------------------------- budget
+    def progress(self) -> float:
+        """Share of the budget spent, in [0, 1]: the largest over steps, tokens and wall clock."""
+        parts = []
+        if self.cfg.max_steps:
+            parts.append(self.step / self.cfg.max_steps)
+        if self.cfg.max_tokens:
+            parts.append(self.tokens / self.cfg.max_tokens)
+        if self.budget_seconds:
+            parts.append(self.elapsed / self.budget_seconds)
+        return min(1.0, max(parts)) if parts else 0.0
+
+    def done(self) -> bool:
+        return self.progress() >= 1.0
+
+    # ---------------------------------------------------------------- steps
+    def forward_backward(self, batch: dict, sync: bool) -> torch.Tensor:
+        """One micro-batch: forward under autocast, loss / grad_accum backward. Returns the detached loss."""
+        ctx = contextlib.nullcontext() if sync or not hasattr(self.train_model, "no_sync") else self.train_model.no_sync()
+        with ctx:
+            with self.autocast():
+                out = self.train_model(**batch)
+            loss = out.loss
+            self.scaler.scale(loss / self.cfg.grad_accum).backward()
+        return loss.detach()
+
+    def train_step(self) -> tuple[torch.Tensor, int]:
+        """grad_accum micro-batches, clip, optimizer and scheduler step. Returns (mean loss, tokens)."""
+        self.train_model.train()
+        total = torch.zeros((), device=self.device)
+        tokens = 0
+        for micro in range(self.cfg.grad_accum):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in self.batches.next_batch().items()}
+            mask = batch.get("attention_mask")
+            tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            total += self.forward_backward(batch, sync=micro == self.cfg.grad_accum - 1)
+        if self.clip_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += dist.sum_int(tokens, self.device)
+        return total / self.cfg.grad_accum, tokens
+
+    def set_lr_progress(self) -> None:
+        """Schedules that follow the budget (time-based) get the current progress before each step."""
+        if self.scheduler is not None and hasattr(self.scheduler, "set_progress"):
+            self.scheduler.set_progress(self.progress())
+
+    # ---------------------------------------------------------------- run
+    def run_eval(self) -> dict:
+        if self.evaluate_fn is None:
+            return {}
+        self.model.eval()
+        with torch.no_grad(), self.autocast():
+            metrics = self.evaluate_fn(self.model)
+        self.model.train()
+        return metrics
+
+    def log(self, record: dict) -> None:
+        if not dist.is_main():
+            return
+        if self.log_file is None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.log_file = open(self.out / "metrics.jsonl", "a", encoding="utf-8")
+        self.log_file.write(json.dumps(record) + "\n")
+        self.log_file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record.get("step", self.step))
+
+    def _open_tensorboard(self) -> None:
+        if not (self.cfg.tensorboard and dist.is_main()):
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise BertforgeError("train.tensorboard=true needs TensorBoard: pip install 'bertforge[tb]'") from None
+        self.tb = SummaryWriter(str(self.out / "tensorboard"))
+
+    def _is_better(self, metrics: dict) -> bool:
+        value = metrics.get(self.cfg.best_metric)
+        if value is None or not math.isfinite(value):
+            return False
+        if self.best is None or (value > self.best if self.cfg.greater_is_better else value < self.best):
+            self.best = value
+            return True
+        return False
+
+    def evaluate_and_save(self, save: bool) -> dict:
+        metrics = self.run_eval()
+        if metrics:
+            self.log({"step": self.step, "tokens": self.tokens, "elapsed": round(self.elapsed, 2), **metrics})
+        is_best = self._is_better(metrics)
+        if save or is_best:
+            self.save_checkpoint(is_best=is_best)
+        return metrics
+
+    def fit(self) -> dict:
+        """Train until the budget is spent; evaluate and checkpoint on schedule; return a summary."""
+        from bertforge.train.progress import ProgressBar
+
+        self._open_tensorboard()
+        cfg = self.cfg
+        bar = ProgressBar(enabled=cfg.progress and dist.is_main(), initial=self.progress())
+        start, elapsed0 = time.monotonic(), self.elapsed
+        last_eval = last_save = start
+        window_loss, window_tokens, window_start = [], 0, start
+        metrics: dict = {}
+        stop_reason = "budget"
+        try:
+            while not self.done():
+                self.set_lr_progress()
+                loss, tokens = self.train_step()
+                window_loss.append(loss)
+                window_tokens += tokens
+                self.elapsed = elapsed0 + time.monotonic() - start  # wall clock, carried across resumes
+                if self.step % cfg.log_every == 0 or self.done():
+                    stop_reason = self._log_window(window_loss, window_tokens, window_start, bar)
+                    window_loss, window_tokens, window_start = [], 0, time.monotonic()
+                    if stop_reason != "budget":
+                        break
+                now = time.monotonic()
+                eval_due = (cfg.eval_every and self.step % cfg.eval_every == 0) or (
+                    cfg.eval_every_minutes and now - last_eval >= cfg.eval_every_minutes * 60)
+                save_due = (cfg.save_every and self.step % cfg.save_every == 0) or (
+                    cfg.save_every_minutes and now - last_save >= cfg.save_every_minutes * 60)
+                if (eval_due or save_due) and not self.done():
+                    if eval_due:
+                        metrics = self.evaluate_and_save(save=bool(save_due))
+                        last_eval = time.monotonic()
+                    else:
+                        self.save_checkpoint()
+                    if save_due:
+                        last_save = time.monotonic()
+        finally:
+            bar.close()
+        if stop_reason == "budget":
+            metrics = self.evaluate_and_save(save=True)
+        summary = {"step": self.step, "tokens": self.tokens, "elapsed": round(self.elapsed, 2),
+                   "stop_reason": stop_reason, "best": self.best, **metrics}
+        if self.log_file is not None:
+            self.log_file.close()
+        if self.tb is not None:
+            self.tb.close()
+        return summary
+
+    def _log_window(self, losses: list[torch.Tensor], tokens: int, start: float, bar) -> str:
+        """Log the mean loss of the window; check for divergence. Returns 'budget' to go on."""
+        loss = float(torch.stack(losses).mean())
+        loss = dist.mean_float(loss, self.device)
+        seconds = max(time.monotonic() - start, 1e-9)
+        lr = self.optimizer.param_groups[0]["lr"]
+        tok_s = dist.sum_int(tokens, self.device) / seconds
+        self.log({"step": self.step, "tokens": self.tokens, "elapsed": round(self.elapsed, 2),
+                  "loss": loss, "lr": lr, "tokens_per_s": round(tok_s, 1)})
+        bar.update(self.progress(), step=self.step, loss=loss, lr=lr, tok_s=tok_s,
+                   eta=self._eta())
+        if not math.isfinite(loss):
+            dist.print0(f"stopping: training loss became {loss} at step {self.step}; the last good checkpoint "
+                        f"is {self.ckpt.latest() or 'none'} — lower optim.lr, raise warmup, or use fp32")
+            return "diverged"
+        thr = self.cfg.loss_threshold
+        if thr is not None and self.progress() >= self.cfg.loss_threshold_after and loss > thr:
+            dist.print0(f"stopping: training loss {loss:.3f} is still above train.loss_threshold={thr} after "
+                        f"{self.progress():.0%} of the budget — check the learning rate, masking and data")
+            return "loss_threshold"
+        return "budget"
+
+    def _eta(self) -> float | None:
+        p = self.progress()
+        if p <= 0 or self.elapsed <= 0:
+            return None
+        return self.elapsed * (1 - p) / p
