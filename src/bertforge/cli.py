@@ -1,0 +1,297 @@
+"""The `bertforge` command line: a table of commands, each an argument-adding function and a runner.
+
+`COMMANDS` maps a command name to `Command(help, add_arguments, run, examples)`. A name with a space
+(`"tokenizer train"`) is a subcommand of a group (`GROUPS` holds the group's help). To add a command,
+write its two small functions and add one row; `build_parser` does the rest.
+
+Parsing only: every runner imports the module that does the work inside the function (so
+`bertforge --help` starts without importing torch) and prints its result. `main` turns user errors
+(`BertforgeError`, and unreadable files) into one `error: ...` line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import NamedTuple
+
+from bertforge import __version__
+from bertforge.errors import BertforgeError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class Command(NamedTuple):
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    examples: str = ""
+
+
+# ----------------------------------------------------------------------------- quickstart
+
+
+def add_quickstart_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", nargs="+", action="extend", metavar="PATH",
+                   help="text files, folders, .gz or .jsonl to train on (default: the docstrings and "
+                        "comments of this Python's standard library, no download)")
+    p.add_argument("--out", default="bertforge-quickstart", metavar="DIR",
+                   help="folder for everything quickstart writes (default: %(default)s)")
+    p.add_argument("--vocab-size", type=int, default=8192, metavar="N",
+                   help="WordPiece vocabulary size (default: %(default)s)")
+    p.add_argument("--max-mb", type=float, default=1.0, metavar="N",
+                   help="use at most N MB of the corpus (default: %(default)s)")
+    p.add_argument("--preset", default="mini", choices=("tiny", "mini", "small"),
+                   help="model shape (default: %(default)s: 4 layers, hidden 256)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+
+
+def run_quickstart(args: argparse.Namespace) -> int:
+    from bertforge.quickstart import QuickstartOptions
+    from bertforge.quickstart import run_quickstart as run
+
+    run(QuickstartOptions(corpus=args.corpus, out=args.out, vocab_size=args.vocab_size,
+                          max_mb=args.max_mb, preset=args.preset, seed=args.seed))
+    return 0
+
+
+# ----------------------------------------------------------------------------- tokenizer train
+
+
+def add_tokenizer_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("corpus", nargs="+", metavar="PATH", help="text files, folders, .gz or .jsonl files")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="folder to write vocab.txt, tokenizer.json and tokenizer_config.json into")
+    p.add_argument("--vocab-size", type=int, default=30522, metavar="N", help="(default: %(default)s)")
+    p.add_argument("--min-frequency", type=int, default=2, metavar="N",
+                   help="keep merges seen at least N times (default: %(default)s)")
+    p.add_argument("--limit-alphabet", type=int, default=1000, metavar="N",
+                   help="at most N distinct characters (default: %(default)s)")
+    p.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=True,
+                   help="lowercase the text (default: on; --no-lowercase for a cased vocabulary)")
+    p.add_argument("--strip-accents", action=argparse.BooleanOptionalAction, default=None,
+                   help="strip accents (default: the same as --lowercase)")
+    p.add_argument("--overwrite", action="store_true", help="replace tokenizer files already in --out")
+
+
+def run_tokenizer_train(args: argparse.Namespace) -> int:
+    from bertforge.inference import train_tokenizer
+
+    info = train_tokenizer(args.corpus, args.out, vocab_size=args.vocab_size, lowercase=args.lowercase,
+                           strip_accents=args.strip_accents, min_frequency=args.min_frequency,
+                           limit_alphabet=args.limit_alphabet, overwrite=args.overwrite)
+    print(f"trained a WordPiece vocabulary of {info['vocab_size']:,} tokens in {info['seconds']:.1f} s")
+    print(f"wrote {', '.join(info['files'])} to {info['out']}")
+    print(f"example: {info['example']!r} -> {' '.join(info['example_tokens'])}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- fill-mask
+
+
+def add_fill_mask_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model folder with a masked-LM head (ours or Hugging Face)")
+    p.add_argument("text", help="text with one or more [MASK] tokens")
+    p.add_argument("--top-k", type=int, default=5, metavar="K", help="predictions per mask (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run_fill_mask(args: argparse.Namespace) -> int:
+    from bertforge.inference import fill_mask
+
+    results = fill_mask(args.model, args.text, top_k=args.top_k)
+    if args.json:
+        print(json.dumps([[{"token": t, "prob": p} for t, p in preds] for preds in results]))
+        return 0
+    for i, preds in enumerate(results, 1):
+        print(f"[MASK] {i} of {len(results)}:")
+        for token, prob in preds:
+            print(f"  {prob:8.4f}  {token}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- similarity / embed
+
+
+def add_similarity_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model folder (sentence-transformers, Hugging Face or ours)")
+    p.add_argument("a", help="first text")
+    p.add_argument("b", help="second text")
+
+
+def run_similarity(args: argparse.Namespace) -> int:
+    from bertforge.inference import similarity
+
+    print(f"{similarity(args.model, args.a, args.b):.4f}")
+    return 0
+
+
+def add_embed_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model folder (sentence-transformers, Hugging Face or ours)")
+    p.add_argument("--input", required=True, metavar="FILE",
+                   help="UTF-8 text, one text per line, or .jsonl with a text field")
+    p.add_argument("--output", required=True, metavar="FILE",
+                   help="where to write the embeddings: .npy (N x H float32), .jsonl or .csv")
+    p.add_argument("--text-field", default="text", metavar="NAME",
+                   help="field holding the text in .jsonl input (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="(default: %(default)s)")
+    p.add_argument("--max-seq-length", type=int, default=None, metavar="T",
+                   help="tokens per text (default: the model's setting); longer texts are truncated "
+                        "and counted in a note")
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    from bertforge.inference import embed
+
+    info = embed(args.model, args.input, args.output, batch_size=args.batch_size,
+                 text_field=args.text_field, max_seq_length=args.max_seq_length)
+    print(f"embedded {info['count']:,} texts -> {info['output']} ({info['count']} x {info['dim']}) "
+          f"in {info['seconds']:.1f} s")
+    if info["truncated"]:
+        print(f"note: {info['truncated']} texts were longer than {info['max_seq_length']} tokens and were "
+              "truncated (raise --max-seq-length to keep more)", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------- convert / info
+
+
+def add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="model folder: ours, Hugging Face BERT or sentence-transformers")
+    p.add_argument("dest", help="new folder to write")
+    p.add_argument("--to", required=True, choices=("bertforge", "hf", "sentence-transformers"),
+                   help="output format")
+    p.add_argument("--overwrite", action="store_true", help="replace dest when it already has files")
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from bertforge.inference import convert
+
+    info = convert(args.source, args.dest, to=args.to, overwrite=args.overwrite)
+    print(f"converted {info['source_format']} ({info['head']}) -> {info['to']}: {info['dest']}")
+    return 0
+
+
+def add_info_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model folder: ours, Hugging Face BERT or sentence-transformers")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from bertforge.inference import format_model_info, model_info
+
+    info = model_info(args.model)
+    print(json.dumps(info, indent=2) if args.json else format_model_info(info))
+    return 0
+
+
+# ----------------------------------------------------------------------------- the table
+
+GROUPS: dict[str, str] = {
+    "tokenizer": "WordPiece vocabularies",
+}
+
+COMMANDS: dict[str, Command] = {
+    "quickstart": Command(
+        "train a vocabulary, build a BERT and run it end to end (no network, no data needed)",
+        add_quickstart_arguments, run_quickstart,
+        "  bertforge quickstart\n"
+        "  bertforge quickstart --out qs --max-mb 4 --vocab-size 16384\n"
+        "  bertforge quickstart --corpus my_texts/ notes.txt.gz --preset tiny"),
+    "tokenizer train": Command(
+        "train a WordPiece vocabulary on text files, folders or .gz",
+        add_tokenizer_train_arguments, run_tokenizer_train,
+        "  bertforge tokenizer train corpus.txt --out tok --vocab-size 8192\n"
+        "  bertforge tokenizer train data/ wiki.txt.gz --out tok --no-lowercase"),
+    "fill-mask": Command(
+        "predict the tokens behind [MASK] with a masked-LM model",
+        add_fill_mask_arguments, run_fill_mask,
+        '  bertforge fill-mask bertforge-quickstart/model "the [MASK] of the module"\n'
+        '  bertforge fill-mask path/to/bert-base-uncased "paris is the [MASK] of france." --top-k 3'),
+    "embed": Command(
+        "write sentence embeddings of a file of texts (.npy, .jsonl or .csv)",
+        add_embed_arguments, run_embed,
+        "  bertforge embed path/to/all-MiniLM-L6-v2 --input sentences.txt --output emb.npy\n"
+        "  bertforge embed MODEL --input docs.jsonl --text-field body --output emb.jsonl"),
+    "similarity": Command(
+        "cosine similarity of two texts' sentence embeddings",
+        add_similarity_arguments, run_similarity,
+        '  bertforge similarity path/to/all-MiniLM-L6-v2 "A man is eating." "Someone eats food."'),
+    "convert": Command(
+        "convert a model between our format, Hugging Face and sentence-transformers",
+        add_convert_arguments, run_convert,
+        "  bertforge convert path/to/hf-bert ours --to bertforge\n"
+        "  bertforge convert bertforge-quickstart/model hf-out --to hf"),
+    "info": Command(
+        "show a model's format, head, parameter counts, config and tokenizer",
+        add_info_arguments, run_info,
+        "  bertforge info bertforge-quickstart/model\n"
+        "  bertforge info path/to/all-MiniLM-L6-v2 --json"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bertforge", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train BERT encoders from scratch and put them to work.",
+        epilog="start here:\n  bertforge quickstart\n\nrun `bertforge COMMAND --help` for a command's "
+               "options and examples.")
+    parser.add_argument("--version", action="version", version=f"bertforge {__version__}")
+    top = parser.add_subparsers(title="commands", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, cmd in COMMANDS.items():
+        *group, leaf = name.split(" ")
+        subparsers = top
+        if group:
+            subparsers = groups.get(group[0]) or _add_group(top, group[0], groups)
+        p = subparsers.add_parser(leaf, help=cmd.help, description=cmd.help,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter,
+                                  epilog=f"examples:\n{cmd.examples}" if cmd.examples else None)
+        cmd.add_arguments(p)
+        p.set_defaults(run=cmd.run)
+    return parser
+
+
+def _add_group(top: argparse._SubParsersAction, name: str,
+               groups: dict[str, argparse._SubParsersAction]) -> argparse._SubParsersAction:
+    help_text = GROUPS.get(name, name)
+    gp = top.add_parser(name, help=help_text, description=help_text,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    gp.set_defaults(run=None, group_parser=gp)
+    groups[name] = gp.add_subparsers(title="subcommands", metavar="SUBCOMMAND")
+    return groups[name]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 2 usage or input error, 130 interrupted)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors: argparse already printed
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
+    if getattr(args, "run", None) is None:
+        (getattr(args, "group_parser", None) or parser).print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.run(args)
+    except BertforgeError as exc:
+        return _fail(str(exc))
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+        return _fail(f"cannot read '{exc.filename}' ({exc.strerror}): check the path and its permissions")
+    except UnicodeDecodeError as exc:
+        return _fail(f"an input is not UTF-8 text ({exc.reason} at byte {exc.start}): convert it to UTF-8")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _fail(message: str) -> int:
+    print("error: " + " ".join(line.strip() for line in message.strip().splitlines()), file=sys.stderr)
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
