@@ -1,0 +1,419 @@
+"""WordPiece tokenizer: train, load, save and encode, built on Hugging Face `tokenizers`.
+
+`WordPieceTokenizer` wraps one `tokenizers.Tokenizer` assembled exactly like BERT's: BertNormalizer
+(clean text, CJK spacing, optional lowercase / accent stripping), BertPreTokenizer, a WordPiece model
+with the `##` continuing prefix, TemplateProcessing `[CLS] A [SEP] B [SEP]` with token types 0/1 and
+the WordPiece decoder. The five special tokens are registered as added tokens, so `[MASK]` written in
+a text stays one token, as in `transformers`. The pipeline is always rebuilt from (vocab, settings),
+whether the source was `vocab.txt` + `tokenizer_config.json` or a `tokenizer.json`, so every loaded
+tokenizer behaves the same; `save` writes files `transformers.BertTokenizerFast` loads unchanged.
+
+The backend's truncation setting is changed per call (`encode`, `encode_batch`, `tokenize`), so one
+tokenizer object should not be shared between threads that use different truncation settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+from tokenizers import Encoding as _BackendEncoding
+
+from bertforge.data.corpus import Source, iter_lines
+from bertforge.errors import BertforgeError
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 when training
+_SPECIAL_KEYS = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")
+TRUNCATION = ("longest_first", "only_second", False)
+TRAIN_BATCH_LINES = 1000
+MAX_INPUT_CHARS_PER_WORD = 100
+
+
+@dataclass
+class Encoding:
+    input_ids: list[int]
+    token_type_ids: list[int]
+    attention_mask: list[int]  # all 1 (no padding at this level)
+    offsets: list[tuple[int, int]]  # char spans into the source text; (0, 0) for specials
+    special_tokens_mask: list[int]  # 1 at [CLS]/[SEP]
+    word_ids: list[int | None]  # word index per token, None for specials
+    sequence_ids: list[int | None]  # 0 for first text, 1 for pair, None for specials
+
+
+@dataclass(frozen=True)
+class _Settings:
+    do_lower_case: bool = True
+    strip_accents: bool | None = None
+    tokenize_chinese_chars: bool = True
+    clean_text: bool = True
+    special: tuple[str, ...] = SPECIAL_TOKENS  # names in the order of _SPECIAL_KEYS
+
+
+class WordPieceTokenizer:
+    """A BERT WordPiece tokenizer; build with `from_pretrained` or `train_wordpiece`."""
+
+    def __init__(self, vocab: Sequence[str], settings: _Settings = _Settings()) -> None:
+        self._vocab = list(vocab)
+        index = {tok: i for i, tok in enumerate(self._vocab)}
+        if len(index) != len(self._vocab):
+            dup = next(t for i, t in enumerate(self._vocab) if index[t] != i)
+            raise BertforgeError(f"vocabulary has the token {dup!r} twice: remove the duplicate line")
+        missing = [t for t in settings.special if t not in index]
+        if missing:
+            raise BertforgeError(
+                f"vocabulary lacks the special tokens {missing}: use a BERT vocabulary "
+                f"that contains {list(settings.special)}"
+            )
+        self.do_lower_case = settings.do_lower_case
+        self.strip_accents = settings.strip_accents
+        self._settings = settings
+        self.vocab_size = len(self._vocab)
+        pad, unk, cls, sep, mask = (index[t] for t in settings.special)
+        self.pad_token_id, self.unk_token_id, self.cls_token_id = pad, unk, cls
+        self.sep_token_id, self.mask_token_id = sep, mask
+        self.special_ids = frozenset((pad, unk, cls, sep, mask))
+        self.backend = _build_backend(index, settings)
+
+    # ------------------------------------------------------------------ loading and saving
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> WordPieceTokenizer:
+        """Load a folder with tokenizer.json and/or vocab.txt (+ tokenizer_config.json), a vocab.txt or
+        a tokenizer.json file."""
+        path = Path(path)
+        if path.is_dir():
+            config = (
+                _read_json(path / "tokenizer_config.json")
+                if (path / "tokenizer_config.json").is_file()
+                else {}
+            )
+            if (path / "tokenizer.json").is_file():
+                return cls(*_from_tokenizer_json(path / "tokenizer.json", config))
+            if (path / "vocab.txt").is_file():
+                return cls(_read_vocab(path / "vocab.txt"), _settings_from_config(config))
+            raise BertforgeError(
+                f"tokenizer folder '{path}' has neither vocab.txt nor tokenizer.json: "
+                "pass a folder written by `save` or a Hugging Face BERT model folder"
+            )
+        if path.is_file() and path.suffix == ".json":
+            return cls(*_from_tokenizer_json(path, {}))
+        if path.is_file():
+            return cls(_read_vocab(path), _Settings())
+        raise BertforgeError(f"tokenizer path '{path}' does not exist: pass a tokenizer folder or vocab.txt")
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write vocab.txt, tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "vocab.txt").write_text("".join(t + "\n" for t in self._vocab), encoding="utf-8")
+        self.backend.save(str(out / "tokenizer.json"))
+        special = dict(zip(_SPECIAL_KEYS, self._settings.special))
+        config = {
+            "tokenizer_class": "BertTokenizer",
+            "do_lower_case": self.do_lower_case,
+            "strip_accents": self.strip_accents,
+            "tokenize_chinese_chars": self._settings.tokenize_chinese_chars,
+            "clean_up_tokenization_spaces": True,
+            "model_max_length": 512,
+            **special,
+        }
+        _write_json(out / "tokenizer_config.json", config)
+        _write_json(out / "special_tokens_map.json", special)
+
+    def fingerprint(self) -> str:
+        """Stable sha256 hex digest of the vocabulary and the normalization settings."""
+        s = self._settings
+        payload = json.dumps(
+            {
+                "vocab": self._vocab,
+                "do_lower_case": s.do_lower_case,
+                "strip_accents": s.strip_accents,
+                "tokenize_chinese_chars": s.tokenize_chinese_chars,
+                "clean_text": s.clean_text,
+                "special": list(s.special),
+                "prefix": "##",
+            },
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+    # ------------------------------------------------------------------ encoding
+
+    def encode(
+        self,
+        text: str,
+        pair: str | None = None,
+        *,
+        max_length: int = 512,
+        truncation: str | bool = "longest_first",
+        add_special_tokens: bool = True,
+    ) -> Encoding:
+        """Encode one text (or text pair); longer inputs are truncated to max_length tokens or, with
+        truncation=False, rejected."""
+        return self.encode_batch(
+            [text],
+            None if pair is None else [pair],
+            max_length=max_length,
+            truncation=truncation,
+            add_special_tokens=add_special_tokens,
+        )[0]
+
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        pairs: Sequence[str] | None = None,
+        *,
+        max_length: int = 512,
+        truncation: str | bool = "longest_first",
+        add_special_tokens: bool = True,
+    ) -> list[Encoding]:
+        """Encode many texts (or pairs) in parallel in the Rust backend."""
+        if isinstance(texts, str) or isinstance(pairs, str):
+            raise BertforgeError("encode_batch got a single string: pass a list of texts or use encode()")
+        self._set_truncation(max_length, truncation, pairs is not None)
+        if pairs is not None and len(pairs) != len(texts):
+            raise BertforgeError(
+                f"encode_batch got {len(texts)} texts but {len(pairs)} pairs: pass one pair per text"
+            )
+        inputs = list(texts) if pairs is None else list(zip(texts, pairs))
+        try:
+            raw = self.backend.encode_batch(inputs, add_special_tokens=add_special_tokens)
+        except Exception as exc:  # tokenizers raises plain Exception for truncation it cannot do
+            raise BertforgeError(
+                f"cannot encode to max_length={max_length} with truncation={truncation!r} "
+                f"({exc}): raise max_length or use truncation='longest_first'"
+            ) from None
+        if truncation is False:
+            for i, enc in enumerate(raw):
+                if len(enc.ids) > max_length:
+                    raise BertforgeError(
+                        f"input {i} has {len(enc.ids)} tokens > max_length={max_length} with "
+                        "truncation=False: shorten it, raise max_length or enable truncation"
+                    )
+        return [_to_encoding(enc) for enc in raw]
+
+    def _set_truncation(self, max_length: int, truncation: str | bool, has_pair: bool) -> None:
+        if truncation not in TRUNCATION:
+            raise BertforgeError(
+                f"truncation={truncation!r} is unknown: use 'longest_first', 'only_second' or False"
+            )
+        if not isinstance(max_length, int) or max_length < 1:
+            raise BertforgeError(f"max_length={max_length!r} is invalid: pass a positive integer")
+        if truncation == "only_second" and not has_pair:
+            raise BertforgeError(
+                "truncation='only_second' needs text pairs: pass pairs or use 'longest_first'"
+            )
+        if truncation is False:
+            if self.backend.truncation is not None:
+                self.backend.no_truncation()
+            return
+        want = {"max_length": max_length, "stride": 0, "strategy": truncation, "direction": "right"}
+        if self.backend.truncation != want:
+            self.backend.enable_truncation(max_length, strategy=truncation)
+
+    def tokenize(self, text: str) -> list[str]:
+        """WordPiece tokens of `text`, without special tokens and without truncation."""
+        if self.backend.truncation is not None:
+            self.backend.no_truncation()
+        return self.backend.encode(text, add_special_tokens=False).tokens
+
+    def convert_tokens_to_ids(self, tokens: Iterable[str]) -> list[int]:
+        """Ids of `tokens`; tokens outside the vocabulary map to the [UNK] id."""
+        lookup = self.backend.token_to_id
+        return [self.unk_token_id if (i := lookup(t)) is None else i for t in tokens]
+
+    def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str]:
+        return [self._vocab[i] for i in self._check_ids(ids)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`: `##` pieces glued to their word, spaces before punctuation cleaned up."""
+        return self.backend.decode(self._check_ids(ids), skip_special_tokens=skip_special_tokens)
+
+    def _check_ids(self, ids: Iterable[int]) -> list[int]:
+        ids = [int(i) for i in ids]
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:
+            raise BertforgeError(
+                f"token id {bad} is outside the vocabulary (size {self.vocab_size}): "
+                "pass ids produced by this tokenizer"
+            )
+        return ids
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return (
+            f"WordPieceTokenizer(vocab_size={self.vocab_size}, do_lower_case={self.do_lower_case}, "
+            f"strip_accents={self.strip_accents})"
+        )
+
+
+def train_wordpiece(
+    sources: Source | Iterable[Source],
+    *,
+    vocab_size: int = 30522,
+    lowercase: bool = True,
+    strip_accents: bool | None = None,
+    min_frequency: int = 2,
+    limit_alphabet: int = 1000,
+    show_progress: bool = True,
+) -> WordPieceTokenizer:
+    """Train a WordPiece vocabulary on the lines of `sources` (streamed; see bertforge.data.corpus),
+    with [PAD], [UNK], [CLS], [SEP], [MASK] as ids 0..4."""
+    if vocab_size <= len(SPECIAL_TOKENS):
+        raise BertforgeError(
+            f"vocab_size={vocab_size} is too small: it must exceed the "
+            f"{len(SPECIAL_TOKENS)} special tokens plus the alphabet (try >= 1000)"
+        )
+    lines = iter_lines(sources)  # checks every source now
+    settings = _Settings(do_lower_case=lowercase, strip_accents=strip_accents)
+    backend = _build_backend({t: i for i, t in enumerate(SPECIAL_TOKENS)}, settings)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        limit_alphabet=limit_alphabet,
+        show_progress=show_progress,
+        special_tokens=list(SPECIAL_TOKENS),
+        continuing_subword_prefix="##",
+    )
+    backend.train_from_iterator(_batches(lines), trainer=trainer)
+    vocab = sorted(backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+    if len(vocab) > vocab_size:
+        raise BertforgeError(
+            f"vocab_size={vocab_size} is smaller than the corpus alphabet ({len(vocab)} tokens "
+            "with special tokens): raise vocab_size or lower limit_alphabet"
+        )
+    tokens = [t for t, _ in vocab]
+    assert tokens[: len(SPECIAL_TOKENS)] == list(SPECIAL_TOKENS), tokens[:5]
+    return WordPieceTokenizer(tokens, settings)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _build_backend(index: dict[str, int], s: _Settings) -> Tokenizer:
+    unk = s.special[1]
+    tok = Tokenizer(
+        models.WordPiece(
+            index,
+            unk_token=unk,
+            continuing_subword_prefix="##",
+            max_input_chars_per_word=MAX_INPUT_CHARS_PER_WORD,
+        )
+    )
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=s.clean_text,
+        handle_chinese_chars=s.tokenize_chinese_chars,
+        strip_accents=s.strip_accents,
+        lowercase=s.do_lower_case,
+    )
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    cls, sep = s.special[2], s.special[3]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{cls}:0 $A:0 {sep}:0",
+        pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+        special_tokens=[(cls, index[cls]), (sep, index[sep])],
+    )
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in s.special])
+    return tok
+
+
+def _to_encoding(enc: _BackendEncoding) -> Encoding:
+    return Encoding(
+        input_ids=enc.ids,
+        token_type_ids=enc.type_ids,
+        attention_mask=enc.attention_mask,
+        offsets=enc.offsets,
+        special_tokens_mask=enc.special_tokens_mask,
+        word_ids=enc.word_ids,
+        sequence_ids=enc.sequence_ids,
+    )
+
+
+def _batches(lines: Iterator[str]) -> Iterator[list[str]]:
+    while batch := list(islice(lines, TRAIN_BATCH_LINES)):
+        yield batch
+
+
+def _read_vocab(path: Path) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            tokens = [line.rstrip("\n") for line in f]
+    except UnicodeDecodeError:
+        raise BertforgeError(
+            f"vocabulary file '{path}' is not UTF-8 text: pass a vocab.txt, one token per line"
+        ) from None
+    if not tokens:
+        raise BertforgeError(f"vocabulary file '{path}' is empty: pass a vocab.txt, one token per line")
+    return tokens
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BertforgeError(f"tokenizer file '{path}' is not valid JSON ({exc}): re-create it") from None
+    if not isinstance(data, dict):
+        raise BertforgeError(f"tokenizer file '{path}' does not hold a JSON object: re-create it")
+    return data
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _special_names(config: dict) -> tuple[str, ...]:
+    names = []
+    for key, default in zip(_SPECIAL_KEYS, SPECIAL_TOKENS):
+        value = config.get(key, default)
+        names.append(value.get("content", default) if isinstance(value, dict) else str(value))
+    return tuple(names)
+
+
+def _settings_from_config(config: dict) -> _Settings:
+    return _Settings(
+        do_lower_case=bool(config.get("do_lower_case", True)),
+        strip_accents=config.get("strip_accents"),
+        tokenize_chinese_chars=bool(config.get("tokenize_chinese_chars", True)),
+        special=_special_names(config),
+    )
+
+
+def _from_tokenizer_json(path: Path, config: dict) -> tuple[list[str], _Settings]:
+    data = _read_json(path)
+    model, norm = data.get("model") or {}, data.get("normalizer") or {}
+    if model.get("type") != "WordPiece" or norm.get("type") != "BertNormalizer":
+        raise BertforgeError(
+            f"tokenizer file '{path}' is not a BERT WordPiece tokenizer (model "
+            f"{model.get('type')}, normalizer {norm.get('type')}): pass a BERT tokenizer"
+        )
+    index = model.get("vocab") or {}
+    tokens = sorted(index, key=index.get)
+    if [index[t] for t in tokens] != list(range(len(tokens))):
+        raise BertforgeError(f"tokenizer file '{path}' has non-contiguous vocabulary ids: re-create it")
+    settings = _Settings(
+        do_lower_case=bool(norm.get("lowercase", True)),
+        strip_accents=norm.get("strip_accents"),
+        tokenize_chinese_chars=bool(norm.get("handle_chinese_chars", True)),
+        clean_text=bool(norm.get("clean_text", True)),
+        special=_special_names(config),
+    )
+    return tokens, settings
