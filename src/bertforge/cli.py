@@ -24,6 +24,20 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks; a wider first column so command names and help share a line."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30)
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        if action.help is not argparse.SUPPRESS:  # argparse forgets the subcommands' extra indent
+            for sub in self._iter_indented_subactions(action):
+                length = len(self._format_action_invocation(sub)) + self._current_indent
+                self._action_max_length = max(self._action_max_length, length)
+
+
 class Command(NamedTuple):
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
@@ -191,7 +205,7 @@ def run_info(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- the table
 
 GROUPS: dict[str, str] = {
-    "tokenizer": "WordPiece vocabularies",
+    "tokenizer": "WordPiece vocabularies: train",
 }
 
 COMMANDS: dict[str, Command] = {
@@ -235,7 +249,7 @@ COMMANDS: dict[str, Command] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="bertforge", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="bertforge", formatter_class=HelpFormatter,
         description="Train BERT encoders from scratch and put them to work.",
         epilog="start here:\n  bertforge quickstart\n\nrun `bertforge COMMAND --help` for a command's "
                "options and examples.")
@@ -248,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         if group:
             subparsers = groups.get(group[0]) or _add_group(top, group[0], groups)
         p = subparsers.add_parser(leaf, help=cmd.help, description=cmd.help,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter,
+                                  formatter_class=HelpFormatter,
                                   epilog=f"examples:\n{cmd.examples}" if cmd.examples else None)
         cmd.add_arguments(p)
         p.set_defaults(run=cmd.run)
@@ -259,7 +273,7 @@ def _add_group(top: argparse._SubParsersAction, name: str,
                groups: dict[str, argparse._SubParsersAction]) -> argparse._SubParsersAction:
     help_text = GROUPS.get(name, name)
     gp = top.add_parser(name, help=help_text, description=help_text,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+                        formatter_class=HelpFormatter)
     gp.set_defaults(run=None, group_parser=gp)
     groups[name] = gp.add_subparsers(title="subcommands", metavar="SUBCOMMAND")
     return groups[name]
