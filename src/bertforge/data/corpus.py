@@ -175,11 +175,12 @@ def _resolve(sources: Source | Iterable[Source]) -> list[tuple[str, list[str]]]:
 
 
 def _walk(folder: str) -> list[str]:
+    """Non-hidden files below `folder`, sorted by their path parts (a.txt < b/z.txt < c.txt)."""
     found = []
     for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(os.path.join(root, f) for f in sorted(files) if not f.startswith("."))
-    return found
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found.extend(os.path.join(root, f) for f in files if not f.startswith("."))
+    return sorted(found, key=lambda p: Path(p).relative_to(folder).parts)
 
 
 def _is_records(path: str) -> bool:
