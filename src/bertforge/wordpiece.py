@@ -301,7 +301,10 @@ def train_wordpiece(
             "with special tokens): raise vocab_size or lower limit_alphabet"
         )
     tokens = [t for t, _ in vocab]
-    assert tokens[: len(SPECIAL_TOKENS)] == list(SPECIAL_TOKENS), tokens[:5]
+    if [i for _, i in vocab] != list(range(len(vocab))) or tokens[: len(SPECIAL_TOKENS)] != list(
+        SPECIAL_TOKENS
+    ):
+        raise RuntimeError(f"tokenizers trainer returned an unexpected vocabulary layout: {vocab[:8]}")
     return WordPieceTokenizer(tokens, settings)
 
 
