@@ -35,14 +35,16 @@ MODEL_HINT = "pass a folder written by `bertforge quickstart`/`bertforge convert
 
 
 def check_model_dir(model_dir: str | os.PathLike) -> Path:
-    """The model folder as a Path; raises when it is missing, a file, or has no config.json."""
+    """The model folder as a Path; raises when it is missing, a file, or holds no model config
+    (config.json, or modules.json for sentence-transformers)."""
     path = Path(model_dir)
     if not path.exists():
         raise BertforgeError(f"model path '{model_dir}' does not exist: {MODEL_HINT}")
     if not path.is_dir():
         raise BertforgeError(f"model path '{model_dir}' is a file, not a model folder: {MODEL_HINT}")
-    if not (path / "config.json").is_file():
-        raise BertforgeError(f"'{model_dir}' is not a model folder (it has no config.json): {MODEL_HINT}")
+    if not ((path / "config.json").is_file() or (path / "modules.json").is_file()):
+        raise BertforgeError(f"'{model_dir}' is not a model folder (it has no config.json or modules.json): "
+                             f"{MODEL_HINT}")
     return path
 
 
@@ -70,10 +72,10 @@ def load_checked(model_dir, head: str | None = None):
 
 def load_encoder(model_dir):
     """(SentenceEncoder, tokenizer) for a model folder of any supported format."""
+    check_model_dir(model_dir)
     from bertforge.model.pooling import SentenceEncoder
     from bertforge.wordpiece import WordPieceTokenizer
 
-    check_model_dir(model_dir)
     encoder = SentenceEncoder.from_pretrained(model_dir).eval()
     tokenizer = WordPieceTokenizer.from_pretrained(model_dir)
     check_tokenizer_fits(tokenizer, encoder.bert.config, model_dir)

@@ -123,8 +123,10 @@ def step_model(ctx: Context) -> str:
     torch.manual_seed(ctx.opts.seed)
     ctx.model = BertForMaskedLM(config).eval()
     total, non_emb = count_parameters(ctx.model)
+    vocab = (f"vocab {tok.vocab_size:,} padded to {config.vocab_size:,}" if config.vocab_size != tok.vocab_size
+             else f"vocab {tok.vocab_size:,} (a multiple of 64 already)")
     return (f"BertForMaskedLM '{ctx.opts.preset}': {config.num_hidden_layers} layers, hidden "
-            f"{config.hidden_size}, vocab {tok.vocab_size:,} padded to {config.vocab_size:,}; "
+            f"{config.hidden_size}, {vocab}; "
             f"{total / 1e6:.2f}M parameters ({non_emb / 1e6:.2f}M non-embedding)")
 
 
@@ -268,9 +270,10 @@ def run_quickstart(opts: QuickstartOptions, steps: list[Step] | None = None,
 
 def print_summary(ctx: Context, echo: Callable[..., None] = print) -> None:
     echo("written:")
-    width = max(len(name) for name, _, _ in ctx.written)
-    for name, path, what in ctx.written:
-        echo(f"  {name:<{width}}  {path}{'/' if path.is_dir() else ''}  {what}")
+    rows = [(name, f"{path}{'/' if path.is_dir() else ''}", what) for name, path, what in ctx.written]
+    w1, w2 = (max(len(r[i]) for r in rows) for i in (0, 1))
+    for name, path, what in rows:
+        echo(f"  {name:<{w1}}  {path:<{w2}}  {what}")
     model = ctx.out / "model"
     echo("\nnext:")
     echo(f"  bertforge info {model}")
