@@ -12,7 +12,8 @@ Quirks of the canonical files that the readers handle:
   the task's canonical column count (CoLA never has a header: source, label, mark, sentence; a
   headerless RTE/WNLI/QNLI/SST-2 file uses the header's column order).
 - MNLI/SNLI: `gold_label` is read from TSV or the official JSONL; `-` (no gold label) rows are skipped.
-- SICK's labels are upper case (ENTAILMENT/NEUTRAL/CONTRADICTION), ids in the same order as SNLI's.
+- SICK's labels are upper case (ENTAILMENT/NEUTRAL/CONTRADICTION), ids in the same order as SNLI's;
+  `sick_relatedness` reads the same files as a regression task (`relatedness_score` in [1, 5]).
 
 `load_task_data(task, path_or_dir, split)` takes a file, a folder holding a canonical file name for
 the split (the first name in `TaskSpec.files[split]` that exists wins: `dev.tsv` before `val.tsv`,

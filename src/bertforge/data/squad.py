@@ -154,12 +154,14 @@ def _answer_tokens(example: SquadExample, offsets: list[tuple[int, int]]) -> tup
     return first, last
 
 
-def _example_windows(example, index, question_ids, context_encoding, cls_id, sep_id, max_length, doc_stride):
+def _example_windows(example: SquadExample, index: int, question_ids: list[int], context_encoding, cls_id: int,
+                     sep_id: int, max_length: int, doc_stride: int) -> list[QAFeature]:
     context_ids, offsets = context_encoding.ids, context_encoding.offsets
     require(len(context_ids) > 0, f"SQuAD question {example.id!r} has an empty context: drop it")
     window = max_length - len(question_ids) - 3
     require(window > doc_stride, f"doc_stride {doc_stride} must be smaller than the {window} context tokens "
-            f"per window (max_length - question - 3): lower doc_stride or max_query_length, or raise max_length")
+            f"per window of question {example.id!r} (max_length {max_length} - {len(question_ids)} question "
+            "tokens - 3): lower doc_stride or max_query_length, or raise max_length")
     answer = _answer_tokens(example, offsets)
     prefix = [cls_id, *question_ids, sep_id]
     features = []
@@ -179,9 +181,8 @@ def _example_windows(example, index, question_ids, context_encoding, cls_id, sep
 def featurize_squad(examples: Sequence[SquadExample], tokenizer, *, max_length: int = 384,
                     doc_stride: int = 128, max_query_length: int = 64) -> list[QAFeature]:
     """Sliding-window features of every example (one or more per example, in example order)."""
-    require(0 <= doc_stride and max_query_length > 0 and max_length > max_query_length + 3,
-            f"max_length {max_length}, doc_stride {doc_stride}, max_query_length {max_query_length}: need "
-            "max_length > max_query_length + 3 and doc_stride >= 0")
+    require(doc_stride >= 0 and max_query_length > 0, f"doc_stride {doc_stride} and max_query_length "
+            f"{max_query_length}: need doc_stride >= 0 and max_query_length >= 1")
     backend = _plain_backend(tokenizer)
     questions = backend.encode_batch([example.question.lstrip() for example in examples], add_special_tokens=False)
     unique_contexts = list(dict.fromkeys(example.context for example in examples))
@@ -213,21 +214,25 @@ def collate_qa(features: Sequence[QAFeature], pad_token_id: int) -> dict[str, to
 
 def _best_span(feature: QAFeature, start_logits: np.ndarray, end_logits: np.ndarray,
                n_best_size: int, max_answer_length: int) -> tuple[float, int, int] | None:
-    """(score, first char, end char) of the best valid span of one window, or None."""
+    """(score, first char, end char) of the best valid span of one window, or None.
+
+    Candidates are the `n_best_size` best starts x best ends that are context tokens with
+    0 <= end - start < max_answer_length; ties go to the better-ranked start, then end."""
     mapping = feature.offset_mapping
+    in_context = np.array([span is not None for span in mapping])  # (T,)
     starts = np.argsort(-start_logits, kind="stable")[:n_best_size]
     ends = np.argsort(-end_logits, kind="stable")[:n_best_size]
-    best = None
-    for s in starts:
-        if mapping[s] is None:
-            continue
-        for e in ends:
-            if mapping[e] is None or e < s or e - s + 1 > max_answer_length:
-                continue
-            score = float(start_logits[s] + end_logits[e])
-            if best is None or score > best[0]:
-                best = (score, mapping[s][0], mapping[e][1])
-    return best
+    starts, ends = starts[in_context[starts]], ends[in_context[ends]]
+    if len(starts) == 0 or len(ends) == 0:
+        return None
+    scores = start_logits[starts][:, None] + end_logits[ends][None, :]  # (S, E)
+    length = ends[None, :] - starts[:, None] + 1  # (S, E)
+    scores = np.where((length >= 1) & (length <= max_answer_length), scores, -np.inf)
+    best = int(np.argmax(scores))
+    s, e = divmod(best, len(ends))
+    if not np.isfinite(scores[s, e]):
+        return None
+    return float(scores[s, e]), mapping[starts[s]][0], mapping[ends[e]][1]
 
 
 def postprocess_qa_predictions(examples: Sequence[SquadExample], features: Sequence[QAFeature],
