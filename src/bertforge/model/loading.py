@@ -1,0 +1,374 @@
+"""Save and load models: our format, Hugging Face BERT directories, sentence-transformers directories.
+
+Our format is a directory holding `config.json` (the flat `BertConfig` fields plus `model_type:
+"bertforge"`, `head`, `num_labels`, `id2label`, `bertforge_version` and a free `meta` dict),
+`model.safetensors` with our parameter names (the tied MLM decoder is not stored) and the tokenizer
+files. `export_hf` writes the HF layout instead (see `hf_compat`), which transformers loads warning-free.
+
+Writes are atomic: everything goes into a temporary folder beside the target, every file is fsynced,
+then the folder is renamed into place, so a killed save leaves the previous model (or nothing) at
+the target, never half a model. A kill can leave a `.<name>.tmp-*` folder beside it, safe to delete.
+
+Loading is strict. Every encoder weight must be present with its exact shape and every key in the
+checkpoint must be one the saved head owns. Asking for a different head than the saved one (or a
+different `num_labels`) keeps the encoder, drops the saved head's weights (listed in
+`meta["discarded"]`) and initialises the new head's parameters (listed in `.initialized`). The
+pooler counts as head-side here: only NSP and the classifiers train it, and checkpoints of
+pooler-less heads lack it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from bertforge.errors import BertforgeError
+from bertforge.model import hf_compat
+from bertforge.model.bert import BertConfig
+from bertforge.model.heads import HEADS, build_model
+
+if TYPE_CHECKING:
+    from bertforge.wordpiece import WordPieceTokenizer
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+HF_BIN_NAME = "pytorch_model.bin"
+_OWN_KEYS = ("model_type", "head", "num_labels", "id2label", "bertforge_version", "meta")
+_SEQ = "sequence_classification"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # the head (or BertModel for head="base"), eval mode, on CPU
+    config: BertConfig
+    head: str  # key of heads.HEADS
+    tokenizer: WordPieceTokenizer | None
+    source: str  # "bertforge" | "hf" | "sentence-transformers"
+    meta: dict = field(default_factory=dict)  # num_labels, id2label, task, pooling config, discarded, ...
+    initialized: list[str] = field(default_factory=list)  # head params freshly initialised
+
+
+# ----------------------------------------------------------------------------- saving
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def head_name(model: nn.Module) -> str:
+    """The HEADS key of a model's class."""
+    for name, cls in HEADS.items():
+        if type(model) is cls:
+            return name
+    raise BertforgeError(f"cannot save a {type(model).__name__}: pass a BertModel or a head from "
+                         f"bertforge.model.heads ({', '.join(c.__name__ for c in HEADS.values())})")
+
+
+def _num_labels(model: nn.Module, head: str) -> int | None:
+    return model.num_labels if head == _SEQ else None
+
+
+def _id2label(id2label: Mapping | None, num_labels: int | None, where: str) -> dict[int, str] | None:
+    if id2label is None:
+        return None
+    out = {int(k): str(v) for k, v in id2label.items()}
+    if num_labels is None or sorted(out) != list(range(num_labels)):
+        raise BertforgeError(f"{where}: id2label {out} does not name labels 0..{(num_labels or 0) - 1} "
+                             f"of this model: pass one name per label id")
+    return out
+
+
+def _check_tokenizer(tokenizer: Any, config: BertConfig, where: str) -> None:
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise BertforgeError(f"{where}: tokenizer vocabulary of {tokenizer.vocab_size} tokens is larger than the "
+                             f"model's vocab_size {config.vocab_size}: use the tokenizer the model was built for")
+
+
+def save_model(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = None,
+               meta: dict | None = None) -> None:
+    """Write `model` (a BertModel or a head) in our format, atomically; `meta` lands in config.json."""
+    model = unwrap(model)
+    head, config, target = head_name(model), model.config, Path(directory)
+    meta = dict(meta or {})
+    num_labels = _num_labels(model, head)
+    meta.pop("discarded", None)
+    saved_labels = meta.pop("num_labels", None)
+    if saved_labels is not None and saved_labels != num_labels:
+        raise BertforgeError(f"meta num_labels {saved_labels} != the model's {num_labels}: drop it from meta")
+    id2label = _id2label(meta.pop("id2label", None), num_labels, f"save_model('{target}')")
+    _check_tokenizer(tokenizer, config, f"save_model('{target}')")
+    doc = {**config.to_dict(), "model_type": "bertforge", "head": head, "num_labels": num_labels,
+           "id2label": {str(k): v for k, v in id2label.items()} if id2label else None,
+           "bertforge_version": _version(), "meta": meta}
+    try:
+        text = json.dumps(doc, indent=2, sort_keys=False)
+    except TypeError as e:
+        raise BertforgeError(f"save_model('{target}'): meta is not JSON-serialisable ({e}): "
+                             f"keep meta to strings, numbers, lists and dicts") from None
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+    def write(tmp: Path) -> None:
+        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(text + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+
+    write_atomic(target, write)
+
+
+def export_hf(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = None,
+              id2label: Mapping[int, str] | None = None) -> None:
+    """Write `model` as a Hugging Face BERT directory (config.json, model.safetensors, tokenizer)."""
+    model = unwrap(model)
+    head, config, target = head_name(model), model.config, Path(directory)
+    num_labels = _num_labels(model, head)
+    id2label = _id2label(id2label, num_labels, f"export_hf('{target}')")
+    hf_config = hf_compat.config_to_hf(config, head, num_labels, id2label)
+    state = hf_compat.to_hf_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()},
+                                       config, head)
+    _check_tokenizer(tokenizer, config, f"export_hf('{target}')")
+
+    def write(tmp: Path) -> None:
+        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+
+    write_atomic(target, write)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(target: Path, write: Callable[[Path], None]) -> None:
+    """Run `write(tmp_dir)`, fsync, then rename tmp_dir to `target` (replacing an older model there)."""
+    if target.exists() and not target.is_dir():
+        raise BertforgeError(f"model path '{target}' is a file: pass a directory path")
+    if target.is_dir() and any(target.iterdir()) and not (target / CONFIG_NAME).is_file():
+        raise BertforgeError(f"model path '{target}' is a non-empty folder without config.json: "
+                             f"pass a new or empty folder, or an existing model folder to replace")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    old = None
+    try:
+        write(tmp)
+        for f in tmp.rglob("*"):
+            _fsync(f)
+        _fsync(tmp)
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+            os.rename(target, old)
+        os.rename(tmp, target)
+        _fsync(target.parent)
+    except BaseException:
+        if old is not None and not target.exists():
+            os.rename(old, target)
+            old = None
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None and old.exists() and target.exists():
+            shutil.rmtree(old)
+
+
+def _version() -> str:
+    from bertforge import __version__
+
+    return __version__
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_model(path: str | os.PathLike, head: str | None = None, *,
+               num_labels: int | None = None) -> LoadedModel:
+    """Load our directory, an HF BERT directory or a sentence-transformers directory (see module doc)."""
+    root = Path(path)
+    if not root.exists():
+        raise BertforgeError(f"model path '{root}' does not exist: pass a directory written by save_model, "
+                             f"an HF BERT directory or a sentence-transformers directory")
+    if not root.is_dir():
+        raise BertforgeError(f"model path '{root}' is a file: pass the model's directory")
+    model_dir, st_meta = _locate(root)
+    raw = _read_config(model_dir)
+    if raw.get("model_type") == "bertforge":
+        config, saved_head, meta = _our_config(raw, model_dir / CONFIG_NAME)
+        sd = hf_compat.add_prefix(_read_weights(model_dir, allow_bin=False))
+        source = "bertforge"
+    else:
+        config, saved_head, meta = _hf_config(raw, model_dir / CONFIG_NAME)
+        sd = hf_compat.convert_from_hf(_read_weights(model_dir, allow_bin=True), f"weights in '{model_dir}'")
+        source = "hf"
+    if st_meta is not None:
+        source = "sentence-transformers"
+        meta.update(st_meta)
+    head = head or saved_head
+    model, initialized, discarded, num_labels = _fit(sd, config, saved_head, meta.get("num_labels"), head,
+                                                     num_labels, str(model_dir))
+    if head != saved_head or num_labels != meta.get("num_labels"):
+        meta["id2label"] = None
+    meta.update(num_labels=num_labels, discarded=discarded)
+    tokenizer = _load_tokenizer(model_dir, config)
+    return LoadedModel(model.eval(), config, head, tokenizer, source, meta, initialized)
+
+
+def _locate(root: Path) -> tuple[Path, dict | None]:
+    """The folder holding the BERT weights; for sentence-transformers also its pooling/normalize meta."""
+    modules_file = root / "modules.json"
+    if not modules_file.is_file():
+        return root, None
+    modules = _read_json(modules_file)
+    types = [str(m.get("type", "")) for m in modules] if isinstance(modules, list) else []
+    transformers_ = [m for m, t in zip(modules, types) if t.endswith("models.Transformer")]
+    if len(transformers_) != 1:
+        raise BertforgeError(f"'{modules_file}' lists {len(transformers_)} Transformer modules: a "
+                             f"sentence-transformers BERT model has exactly one")
+    model_dir = root / transformers_[0].get("path", "")
+    meta: dict = {"modules": types, "normalize": any(t.endswith("models.Normalize") for t in types)}
+    pooling = [m for m, t in zip(modules, types) if t.endswith("models.Pooling")]
+    if pooling and (root / pooling[0].get("path", "") / CONFIG_NAME).is_file():
+        cfg = _read_json(root / pooling[0]["path"] / CONFIG_NAME)
+        modes = [m for m in ("cls", "mean", "max") if cfg.get(f"pooling_mode_{m}_token" if m == "cls" else
+                                                             f"pooling_mode_{m}_tokens")]
+        others = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v
+                  and k not in ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens")]
+        meta["pooling_config"] = cfg
+        meta["pooling"] = modes[0] if len(modes) == 1 and not others else None  # None: a mode we lack
+    sbert = model_dir / "sentence_bert_config.json"
+    if sbert.is_file():
+        meta["max_seq_length"] = _read_json(sbert).get("max_seq_length")
+    return model_dir, meta
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BertforgeError(f"'{path}' is unreadable ({e}): restore the file or re-save the model") from None
+
+
+def _read_config(model_dir: Path) -> dict:
+    cfg = model_dir / CONFIG_NAME
+    if not cfg.is_file():
+        raise BertforgeError(f"'{model_dir}' is not a model directory (no {CONFIG_NAME}): pass a directory "
+                             f"written by save_model or export_hf, or an HF / sentence-transformers model")
+    raw = _read_json(cfg)
+    if not isinstance(raw, dict):
+        raise BertforgeError(f"'{cfg}' is unreadable (not a JSON object): restore the file or re-save the model")
+    return raw
+
+
+def _our_config(raw: dict, where: Path) -> tuple[BertConfig, str, dict]:
+    try:
+        config = BertConfig.from_dict({k: v for k, v in raw.items() if k not in _OWN_KEYS})
+    except (BertforgeError, TypeError) as e:
+        raise BertforgeError(f"'{where}': {e}") from None
+    head = raw.get("head")
+    if head not in HEADS:
+        raise BertforgeError(f"'{where}': head '{head}' is unknown: use one of {', '.join(HEADS)}")
+    meta = dict(raw.get("meta") or {})
+    meta["num_labels"] = raw.get("num_labels")
+    meta["id2label"] = _id2label(raw.get("id2label"), raw.get("num_labels"), f"'{where}'")
+    return config, head, meta
+
+
+def _hf_config(raw: dict, where: Path) -> tuple[BertConfig, str, dict]:
+    try:
+        config, head = hf_compat.config_from_hf(raw), hf_compat.head_from_hf(raw)
+    except (BertforgeError, TypeError) as e:
+        raise BertforgeError(f"'{where}': {e}") from None
+    num_labels, id2label = hf_compat.labels_from_hf(raw)
+    if head != _SEQ:
+        num_labels, id2label = None, None
+    return config, head, {"num_labels": num_labels, "id2label": id2label}
+
+
+def _read_weights(model_dir: Path, allow_bin: bool) -> dict[str, torch.Tensor]:
+    files = [model_dir / WEIGHTS_NAME]
+    index = model_dir / f"{WEIGHTS_NAME}.index.json"
+    if allow_bin:
+        files.append(model_dir / HF_BIN_NAME)
+    if not files[0].is_file() and index.is_file():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        return {k: v for s in shards for k, v in _read_weight_file(model_dir / s).items()}
+    for f in files:
+        if f.is_file():
+            return _read_weight_file(f)
+    raise BertforgeError(f"no weights in '{model_dir}': expected {' or '.join(f.name for f in files)}; "
+                         f"re-save the model or point at the folder that holds them")
+
+
+def _read_weight_file(f: Path) -> dict[str, torch.Tensor]:
+    try:
+        if f.suffix == ".safetensors":
+            return load_file(f, device="cpu")
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors / pickle errors name no file: say which one is broken
+        raise BertforgeError(f"weights file '{f}' is unreadable ({type(e).__name__}: {e}): "
+                             f"restore it or re-save the model") from None
+
+
+def _fit(sd: dict[str, torch.Tensor], config: BertConfig, saved_head: str, saved_labels: int | None,
+         head: str, num_labels: int | None, where: str) -> tuple[nn.Module, list[str], list[str], int | None]:
+    """Build `head` and load `sd` (canonical keys) into it under the strict rules of the module doc."""
+    if head not in HEADS:
+        raise BertforgeError(f"unknown model head '{head}': use one of {', '.join(HEADS)}")
+    if num_labels is not None and head != _SEQ:
+        raise BertforgeError(f"num_labels={num_labels} applies to head '{_SEQ}' only, not '{head}': drop it")
+    if head == _SEQ:
+        num_labels = num_labels or (saved_labels if saved_head == _SEQ else None) or 2
+    same = head == saved_head and num_labels == saved_labels
+    owned = hf_compat.add_prefix(hf_compat.expected_shapes(config, saved_head, saved_labels))
+    model = build_model(head, config, num_labels)
+    target = hf_compat.add_prefix(model.state_dict())
+
+    def required(k: str) -> bool:  # must come from the checkpoint
+        return (k.startswith("bert.") and not k.startswith("bert.pooler.")) or (same and k in owned)
+
+    fits = {k for k in sd if k in target and sd[k].shape == target[k].shape}
+    unexpected = [k for k in sd if k not in owned or (same and k not in target)]
+    missing = [k for k in target if required(k) and k not in sd]
+    shapes = [f"{k} {tuple(sd[k].shape)} != {tuple(target[k].shape)}" for k in target
+              if required(k) and k in sd and k not in fits]
+    if unexpected or missing or shapes:
+        problems = [f"{label} [{hf_compat.format_keys(keys)}]" for label, keys in
+                    (("unexpected keys", unexpected), ("missing keys", missing)) if keys]
+        problems += [f"shape mismatches [{'; '.join(shapes[:6])}]"] if shapes else []
+        raise BertforgeError(f"checkpoint in '{where}' does not fit head '{head}': {'; '.join(problems)}: "
+                             f"check the checkpoint is complete and matches its config.json")
+    loaded = {k: sd[k] for k in fits}
+    result = model.load_state_dict(hf_compat.strip_prefix(loaded) if head == "base" else loaded, strict=False)
+    initialized = sorted(result.missing_keys)
+    discarded = sorted(set(sd) - fits)
+    return model, initialized, discarded, num_labels
+
+
+def _load_tokenizer(model_dir: Path, config: BertConfig) -> WordPieceTokenizer | None:
+    if not ((model_dir / "tokenizer.json").is_file() or (model_dir / "vocab.txt").is_file()):
+        return None
+    from bertforge.wordpiece import WordPieceTokenizer
+
+    tokenizer = WordPieceTokenizer.from_pretrained(model_dir)
+    _check_tokenizer(tokenizer, config, f"'{model_dir}'")
+    return tokenizer
