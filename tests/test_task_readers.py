@@ -146,10 +146,10 @@ def test_snli_official_txt(tmp_path):
 def test_qqp_qnli_wnli_rows(tmp_path):
     qqp = write(tmp_path / "qqp.tsv", "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
                 "201359\t303345\t303346\tWhy are African-Americans so beautiful?\tWhy are hispanics so beautiful?\t0\n"
-                '5\t11\t12\tWhat is "x"?\tWhat\'s x?\t1\n')
+                '5\t11\t12\t"What is x?\tWhat\'s "x"?\t1\n')  # unbalanced quote opening a field
     assert read_task_file(qqp, "qqp") == [
         Example("Why are African-Americans so beautiful?", "Why are hispanics so beautiful?", 0),
-        Example('What is "x"?', "What's x?", 1)]
+        Example('"What is x?', 'What\'s "x"?', 1)]
     qnli = write(tmp_path / "qnli.tsv", "index\tquestion\tsentence\tlabel\n"
                  "0\tWhat came into force after the new constitution was herald?\tAs of that day, the new constitution "
                  "heralding the Second Republic came into force.\tentailment\n1\tq?\ts.\tnot_entailment\n")
@@ -205,6 +205,15 @@ def test_hub_loading(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", fake_datasets(rows, ["text", "label"], None))
     with pytest.raises(BertforgeError, match="lacks column\\(s\\) 'sentence'"):
         load_task_data("sst2", "hub:glue/sst2", "train")
+
+
+def test_hub_nli_skips_unlabeled_and_test_has_no_labels(monkeypatch):
+    rows = [{"premise": "p", "hypothesis": "h", "label": 2}, {"premise": "q", "hypothesis": "i", "label": -1}]
+    module = fake_datasets(rows, ["premise", "hypothesis", "label"], ["entailment", "neutral", "contradiction"])
+    monkeypatch.setitem(sys.modules, "datasets", module)
+    assert load_task_data("mnli", "hub:nyu-mll/glue/mnli", "validation_mismatched") == [Example("p", "h", 2)]
+    assert module.calls == [("nyu-mll/glue", "mnli", "validation_mismatched")]
+    assert [e.label for e in load_task_data("snli", "hub:stanfordnlp/snli/plain_text", "test")] == [None, None]
 
 
 def test_hub_without_datasets(monkeypatch):
