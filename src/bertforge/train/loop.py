@@ -236,6 +236,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None and not hasattr(self.scheduler, "set_progress"):
+            self.scheduler.step()  # step-indexed schedules; budget schedules are set before the step
         self.step += 1
         self.tokens += dist.sum_int(tokens, self.device)
         return total / self.cfg.grad_accum, tokens

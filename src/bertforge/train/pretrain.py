@@ -1,0 +1,194 @@
+"""`bertforge pretrain`: MLM (NSP optional) pretraining from prepared shards. `main(cfg) -> metrics`.
+
+Batches are defined by one global order so every launch shape sees the same data: in epoch e,
+micro-batch g holds rows `perm_e[g*B:(g+1)*B]` and its masks come from a generator seeded by
+(seed, e, g). Process r of W takes g = r, r+W, r+2W, ... — so two processes with accumulation 1 see
+exactly the micro-batches one process with accumulation 2 sees, and a resumed run needs only
+(epoch, position) to continue bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from bertforge.config import config_to_dict
+from bertforge.data.masking import IGNORE_INDEX, MaskingConfig, MLMCollator
+from bertforge.errors import BertforgeError
+from bertforge.model.bert import BertConfig, pad_vocab_size
+from bertforge.train import distributed as dist
+from bertforge.train.loop import TrainConfig, Trainer, seed_everything
+from bertforge.train.optim import OptimConfig, build_optimizer, build_schedule
+
+
+@dataclass
+class PretrainDataConfig:
+    path: str = ""  # a directory written by `bertforge prepare`
+    tokenizer: str | None = None  # default: the tokenizer saved inside the prepared directory
+    eval_batches: int = 20  # validation micro-batches per evaluation (fixed masks)
+
+
+@dataclass
+class PretrainRunConfig:
+    model: dict = field(default_factory=lambda: {"preset": "mini"})  # preset + any BertConfig field
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, warmup_ratio=0.06))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/pretrain"))
+
+
+def build_model_config(section: dict, vocab_size: int) -> BertConfig:
+    """`{"preset": "mini", "hidden_size": 128, ...}` -> BertConfig with the vocab padded to 64."""
+    fields = dict(section)
+    preset = fields.pop("preset", "mini")
+    fields.setdefault("vocab_size", pad_vocab_size(vocab_size))
+    if fields["vocab_size"] < vocab_size:
+        raise BertforgeError(f"model.vocab_size={fields['vocab_size']} is smaller than the tokenizer's "
+                             f"{vocab_size}: remove model.vocab_size or raise it")
+    known = set(BertConfig.__dataclass_fields__)
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise BertforgeError(f"unknown model key(s) {unknown}: use a BertConfig field such as hidden_size")
+    return BertConfig.from_preset(preset, **fields)
+
+
+class PretrainBatches:
+    """The global batch order described in the module docstring; stateful and resumable."""
+
+    def __init__(self, rows, collator: MLMCollator, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.rows, self.collator, self.B, self.seed = rows, collator, batch_size, seed
+        self.rank, self.world = rank, world
+        self.per_rank = (len(rows) // batch_size) // world  # whole micro-batches per process per epoch
+        if self.per_rank < 1:
+            raise BertforgeError(f"the training split has {len(rows)} sequences, fewer than one batch of "
+                                 f"{batch_size} per process: lower train.batch_size or prepare more text")
+        self.epoch, self.position = 0, 0
+        self._perm_epoch, self._perm = -1, None
+
+    def _permutation(self) -> np.ndarray:
+        if self._perm_epoch != self.epoch:
+            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows))
+            self._perm_epoch = self.epoch
+        return self._perm
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if self.position >= self.per_rank:
+            self.epoch, self.position = self.epoch + 1, 0
+        g = self.position * self.world + self.rank  # global micro-batch index in this epoch
+        idx = np.sort(self._permutation()[g * self.B:(g + 1) * self.B])  # sorted: memmap locality
+        self.collator.generator.manual_seed(mask_seed(self.seed, self.epoch, g))
+        self.position += 1
+        return self.collator(self.rows.take(idx))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
+def mask_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + index) % (2**63 - 1)
+
+
+@torch.no_grad()
+def evaluate_mlm(model: nn.Module, rows, collator: MLMCollator, batch_size: int, max_batches: int,
+                 seed: int = 12345) -> dict:
+    """Validation MLM loss (token-weighted), accuracy and perplexity with fixed masks; NSP accuracy too."""
+    device = next(model.parameters()).device
+    loss_sum, correct, count, nsp_correct, nsp_count = 0.0, 0, 0, 0, 0
+    n = min(max_batches, math.ceil(len(rows) / batch_size))
+    for b in range(n):
+        idx = np.arange(b * batch_size, min((b + 1) * batch_size, len(rows)))
+        collator.generator.manual_seed(seed + b)
+        batch = {k: v.to(device) for k, v in collator(rows.take(idx)).items()}
+        out = model(**batch)
+        targets = batch["labels"][batch["labels"] != IGNORE_INDEX]
+        if targets.numel():
+            logits = out.logits.float()
+            loss_sum += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            correct += int((logits.argmax(-1) == targets).sum())
+            count += targets.numel()
+        if getattr(out, "nsp_logits", None) is not None and "next_sentence_label" in batch:
+            nsp_correct += int((out.nsp_logits.argmax(-1) == batch["next_sentence_label"]).sum())
+            nsp_count += len(idx)
+    loss = loss_sum / max(count, 1)
+    metrics = {"eval_loss": loss, "eval_accuracy": correct / max(count, 1),
+               "eval_perplexity": math.exp(min(loss, 50.0)), "eval_masked_tokens": count}
+    if nsp_count:
+        metrics["eval_nsp_accuracy"] = nsp_correct / nsp_count
+    return metrics
+
+
+def main(cfg: PretrainRunConfig) -> dict:
+    """Pretrain as configured; returns the final metrics. Writes the run directory (see checkpoint.py)."""
+    from bertforge.data.dataset import PackedDataset, read_manifest
+    from bertforge.model.heads import BertForMaskedLM, BertForPreTraining
+    from bertforge.model.loading import save_model
+    from bertforge.wordpiece import WordPieceTokenizer
+
+    dist.init_distributed()
+    seed_everything(cfg.train.seed)
+    data_dir = Path(cfg.data.path)
+    manifest = read_manifest(data_dir)
+    tokenizer = WordPieceTokenizer.from_pretrained(cfg.data.tokenizer or data_dir / "tokenizer")
+    if manifest["tokenizer_fingerprint"] != tokenizer.fingerprint():
+        raise BertforgeError(f"tokenizer '{cfg.data.tokenizer or data_dir / 'tokenizer'}' is not the one the shards "
+                             f"in '{data_dir}' were prepared with: pass the matching data.tokenizer or re-run prepare")
+    nsp = manifest.get("mode") == "nsp"
+    model_cfg = build_model_config(cfg.model, tokenizer.vocab_size)
+    if manifest["seq_len"] > model_cfg.max_position_embeddings:
+        raise BertforgeError(f"shards hold {manifest['seq_len']}-token rows but the model has "
+                             f"{model_cfg.max_position_embeddings} positions: raise model.max_position_embeddings")
+    model = (BertForPreTraining if nsp else BertForMaskedLM)(model_cfg)
+    run_config = {**config_to_dict(cfg), "model": {"head": "pretraining" if nsp else "masked_lm",
+                                                   **model_cfg.to_dict()}}
+    device_type = "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
+    optimizer = build_optimizer(model, cfg.optim, device_type)
+    budget = None
+    if cfg.train.time_budget is not None:
+        from bertforge.config import parse_duration
+
+        budget = parse_duration(cfg.train.time_budget)
+    if cfg.optim.schedule != "time" and cfg.train.max_steps is None:
+        raise BertforgeError(f"optim.schedule={cfg.optim.schedule} counts steps: set train.max_steps, "
+                             "or use optim.schedule=time with train.time_budget")
+    scheduler = build_schedule(optimizer, cfg.optim, cfg.train.max_steps, budget_seconds=budget)
+    collator = MLMCollator.from_tokenizer(tokenizer, cfg.masking, seed=cfg.train.seed)
+    train_rows = PackedDataset(data_dir, "train")
+    batches = PretrainBatches(train_rows, collator, cfg.train.batch_size, cfg.train.seed,
+                              dist.rank(), dist.world_size())
+    val_rows = PackedDataset(data_dir, "val") if manifest.get("splits", {}).get("val", 0) else None
+    eval_collator = MLMCollator.from_tokenizer(tokenizer, cfg.masking, seed=0)
+
+    def evaluate(m: nn.Module) -> dict:
+        if val_rows is None or not dist.is_main():
+            return {}
+        return evaluate_mlm(m, val_rows, eval_collator, cfg.train.batch_size, cfg.data.eval_batches)
+
+    def write_model(m: nn.Module, directory: Path) -> None:
+        save_model(m, directory, tokenizer=tokenizer)
+
+    trainer = Trainer(model, optimizer, scheduler, batches, cfg.train, evaluate=evaluate,
+                      save_model=write_model, run_config=run_config,
+                      clip_grad_norm=cfg.optim.clip_grad_norm or None)
+    out = Path(cfg.train.output_dir)
+    if dist.is_main():
+        from bertforge.train.checkpoint import atomic_write_text
+
+        atomic_write_text(out / "config.json", json.dumps(run_config, indent=2) + "\n")
+    trainer.maybe_resume()
+    summary = trainer.fit()
+    if dist.is_main():
+        save_model(model, out / "model", tokenizer=tokenizer)
+        from bertforge.train.checkpoint import atomic_write_text
+
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    dist.cleanup()
+    return summary
