@@ -117,6 +117,14 @@ def test_trained_vocab_layout_and_compression(trained, stsb_pairs):
     assert pieces.count("[UNK]") < 0.01 * len(pieces)
 
 
+def test_training_is_deterministic(trained, shared_data):
+    """The raw `tokenizers` trainer gives a different vocabulary from run to run (tokenizers#1794)."""
+    again = train_wordpiece(
+        shared_data / "wikitext-2-raw" / "wiki.valid.raw", vocab_size=4000, show_progress=False
+    )
+    assert again.fingerprint() == trained.fingerprint()
+
+
 def test_trained_round_trip_save_load_and_hf(trained, stsb_pairs, tmp_path):
     trained.save(tmp_path / "tok")
     loaded = WordPieceTokenizer.from_pretrained(tmp_path / "tok")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -272,40 +273,74 @@ def train_wordpiece(
     lowercase: bool = True,
     strip_accents: bool | None = None,
     min_frequency: int = 2,
-    limit_alphabet: int = 1000,
+    limit_alphabet: int | None = 1000,
     show_progress: bool = True,
 ) -> WordPieceTokenizer:
     """Train a WordPiece vocabulary on the lines of `sources` (streamed; see bertforge.data.corpus),
-    with [PAD], [UNK], [CLS], [SEP], [MASK] as ids 0..4."""
+    with [PAD], [UNK], [CLS], [SEP], [MASK] as ids 0..4. The result is deterministic (see _alphabet)."""
     if vocab_size <= len(SPECIAL_TOKENS):
         raise BertforgeError(
             f"vocab_size={vocab_size} is too small: it must exceed the "
             f"{len(SPECIAL_TOKENS)} special tokens plus the alphabet (try >= 1000)"
         )
-    lines = iter_lines(sources)  # checks every source now
+    iter_lines(sources)  # checks every source now
     settings = _Settings(do_lower_case=lowercase, strip_accents=strip_accents)
+    alphabet, continuing = _alphabet(sources, settings, limit_alphabet)
+    fixed = len(SPECIAL_TOKENS) + len(continuing) + len(alphabet)
+    if fixed > vocab_size:
+        raise BertforgeError(
+            f"vocab_size={vocab_size} is smaller than the corpus alphabet ({fixed} tokens with special "
+            "and ## tokens): raise vocab_size or lower limit_alphabet"
+        )
     backend = _build_backend({t: i for i, t in enumerate(SPECIAL_TOKENS)}, settings)
     trainer = trainers.WordPieceTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        limit_alphabet=limit_alphabet,
+        limit_alphabet=len(alphabet),
+        initial_alphabet=alphabet,
         show_progress=show_progress,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=[*SPECIAL_TOKENS, *continuing],
         continuing_subword_prefix="##",
     )
-    backend.train_from_iterator(_batches(lines), trainer=trainer)
+    backend.train_from_iterator(_batches(iter_lines(sources)), trainer=trainer)
     vocab = sorted(backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
-    if len(vocab) > vocab_size:
-        raise BertforgeError(
-            f"vocab_size={vocab_size} is smaller than the corpus alphabet ({len(vocab)} tokens "
-            "with special tokens): raise vocab_size or lower limit_alphabet"
-        )
     tokens = [t for t, _ in vocab]
     if [i for _, i in vocab] != list(range(len(vocab))) or tokens[: len(SPECIAL_TOKENS)] != list(
         SPECIAL_TOKENS
     ):
         raise RuntimeError(f"tokenizers trainer returned an unexpected vocabulary layout: {vocab[:8]}")
     return WordPieceTokenizer(tokens, settings)
+
+
+def _alphabet(sources, settings: _Settings, limit: int | None) -> tuple[list[str], list[str]]:
+    """First pass: the alphabet (the `limit` most frequent normalized characters, ties by character)
+    and the `##c` pieces the trainer will need, sorted.
+
+    The `tokenizers` trainer alone is not deterministic (huggingface/tokenizers#1794): it gives `##c`
+    ids in hash-map order and breaks ties between equally frequent merges by id, and it cuts the
+    alphabet at `limit_alphabet` with arbitrary ties. Fixing both lists here, in a cheap pass with no
+    merges, and registering the `##c` pieces up front makes the second, real pass reproducible.
+    """
+    counts: Counter[str] = Counter()
+
+    def counted() -> Iterator[str]:
+        for line in iter_lines(sources):
+            counts.update(line)
+            yield line
+
+    probe = _build_backend({t: i for i, t in enumerate(SPECIAL_TOKENS)}, settings)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=1, show_progress=False, special_tokens=list(SPECIAL_TOKENS), continuing_subword_prefix="##"
+    )
+    probe.train_from_iterator(_batches(counted()), trainer=trainer)
+    seen = set(probe.get_vocab()) - set(SPECIAL_TOKENS)
+    normalized: Counter[str] = Counter()
+    for char, n in counts.items():
+        for c in probe.normalizer.normalize_str(char):
+            normalized[c] += n
+    chars = sorted((c for c in seen if len(c) == 1), key=lambda c: (-normalized[c], c))
+    alphabet = sorted(chars[:limit] if limit is not None else chars)
+    return alphabet, ["##" + c for c in alphabet if "##" + c in seen]
 
 
 # ---------------------------------------------------------------------- helpers
