@@ -1,0 +1,434 @@
+"""`bertforge report RUN [RUN ...] --out DIR`: training curves as PNG and tables comparing runs.
+
+A run directory (written by the Trainer, layout in `train/checkpoint.py`) holds
+
+    config.json    the resolved run config (optimizer, lr, model shape)
+    metrics.jsonl  training lines {step, tokens, elapsed, loss, lr, tokens_per_s} and evaluation lines
+                   {step, tokens, elapsed, eval_loss, eval_accuracy, ...}
+    summary.json   the final metrics (absent while running, or when the run was killed)
+    metrics.json   fine-tuning runs only: {"task", "model", "seed", metric: value, ...}
+
+`build_report` writes into DIR:
+
+    report.md                 the runs table, the fine-tuning table and the plots, in one page
+    runs.csv                  one row per run (raw numbers)
+    finetune.csv              task x model x metric: median, min, max, quartiles over seeds
+    {train_loss,lr,eval_<metric>}_vs_{step,time}.png     one line per run, labelled "name (optimizer)"
+
+Partial runs never stop a report: a line of metrics.jsonl that does not parse (a run killed while
+writing leaves a truncated last line) is skipped with a warning, and because the Trainer appends to
+metrics.jsonl, lines written after the last checkpoint of a killed run are superseded by the lines the
+resumed run writes for the same steps. Plots use matplotlib's Agg canvas directly (no pyplot state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bertforge.errors import BertforgeError
+
+RUN_HINT = "pass a folder written by `bertforge pretrain` or `bertforge finetune`"
+# evaluation keys that are bookkeeping or redundant with another curve, not plotted
+EVAL_NOT_PLOTTED = {"eval_masked_tokens", "eval_perplexity", "eval_runtime", "eval_samples", "eval_examples"}
+FINETUNE_ID_KEYS = ("task", "model", "seed")
+# runs table: (CSV column, markdown header)
+RUN_TABLE = (("run", "run"), ("optimizer", "optimizer"), ("lr", "lr"), ("preset", "preset"), ("steps", "steps"),
+             ("tokens", "tokens"), ("tokens_per_s", "tokens/s"), ("wall_s", "wall time"),
+             ("train_loss", "train loss"), ("eval_loss", "eval loss"), ("best_eval_loss", "best eval loss"),
+             ("eval_accuracy", "eval acc"), ("best_eval_accuracy", "best eval acc"),
+             ("eval_perplexity", "perplexity"), ("status", "status"))
+RUN_COLUMNS = tuple(c for c, _ in RUN_TABLE)
+CELL_FORMATS = {"steps": "{:,.0f}", "tokens": "{:,.0f}", "tokens_per_s": "{:,.0f}", "lr": "{:.2e}",
+                "eval_perplexity": "{:,.2f}"}  # others: "{:.4f}"
+FINETUNE_COLUMNS = ("task", "model", "metric", "n", "seeds", "median", "min", "max", "q1", "q3")
+
+
+@dataclass
+class RunData:
+    """Everything read from one run directory."""
+
+    path: Path
+    name: str
+    config: dict = field(default_factory=dict)
+    train: list[dict] = field(default_factory=list)  # lines with "loss"
+    evals: list[dict] = field(default_factory=list)  # lines with eval_* keys
+    summary: dict | None = None
+    finetune: dict | None = None  # metrics.json of a fine-tuning run
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def optimizer(self) -> str | None:
+        optim = self.config.get("optim")
+        return optim.get("optimizer") if isinstance(optim, dict) else None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.optimizer})" if self.optimizer and self.optimizer not in self.name else self.name
+
+
+@dataclass
+class Report:
+    files: list[Path]
+    runs: list[RunData]
+    runs_markdown: str
+    finetune_markdown: str | None
+    warnings: list[str]
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_metrics_lines(path: Path) -> tuple[list[dict], list[str]]:
+    """Parse metrics.jsonl; malformed lines are skipped and named in the returned warnings."""
+    records, warnings = [], []
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), (int, float)):
+            where = "the truncated last line" if i == last else f"malformed line {i + 1}"
+            warnings.append(f"{path}: skipped {where} ({line[:40]!r}...); the run was probably killed while writing")
+            continue
+        records.append(record)
+    return records, warnings
+
+
+def _is_eval(record: dict) -> bool:
+    return "loss" not in record and any(k.startswith("eval_") for k in record)
+
+
+def drop_superseded(records: list[dict]) -> tuple[list[dict], int]:
+    """Undo a resume in the log: the Trainer appends, so a resumed run logs again from just after its
+    checkpoint. A line whose step goes back (below the largest step so far, or not past the last line of
+    its kind) starts a resumed segment, and every earlier line at or after that step is dropped."""
+    kept: list[dict] = []
+    dropped = 0
+    last = {True: -math.inf, False: -math.inf}  # last step per kind (eval / training)
+    for record in records:
+        step, kind = record["step"], _is_eval(record)
+        if kept and (step < max(r["step"] for r in kept) or step <= last[kind]):
+            survivors = [r for r in kept if r["step"] < step]
+            dropped += len(kept) - len(survivors)
+            kept = survivors
+            last = {k: max((r["step"] for r in kept if _is_eval(r) == k), default=-math.inf) for k in last}
+        kept.append(record)
+        last[kind] = step
+    return kept, dropped
+
+
+def _read_json(path: Path, warnings: list[str]) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        warnings.append(f"{path}: ignored, it does not parse ({type(e).__name__})")
+        return None
+
+
+def load_run(path: str | Path, name: str | None = None) -> RunData:
+    """Read one run directory; raises BertforgeError when `path` is not one."""
+    p = Path(path)
+    if not p.exists():
+        raise BertforgeError(f"run directory '{path}' does not exist: {RUN_HINT}")
+    if not p.is_dir():
+        raise BertforgeError(f"'{path}' is a file, not a run directory: {RUN_HINT}")
+    names = ("metrics.jsonl", "summary.json", "metrics.json")
+    if not any((p / n).is_file() for n in names):
+        raise BertforgeError(f"'{path}' is not a run directory (it has no {', '.join(names)}): {RUN_HINT}")
+    run = RunData(path=p, name=name or p.resolve().name)
+    config = _read_json(p / "config.json", run.warnings)
+    run.config = config if isinstance(config, dict) else {}
+    if not (p / "config.json").is_file() and (p / "metrics.jsonl").is_file():
+        run.warnings.append(f"{p}: no config.json, so optimizer, lr and preset are unknown")
+    if (p / "metrics.jsonl").is_file():
+        records, warnings = read_metrics_lines(p / "metrics.jsonl")
+        run.warnings += warnings
+        records, dropped = drop_superseded(records)
+        run.train = [r for r in records if "loss" in r]
+        run.evals = [r for r in records if _is_eval(r)]
+        if dropped:
+            run.warnings.append(f"{p / 'metrics.jsonl'}: {dropped} lines logged after the checkpoint a resumed run "
+                                "started from were superseded by the resumed run's lines")
+    summary = _read_json(p / "summary.json", run.warnings)
+    run.summary = summary if isinstance(summary, dict) else None
+    finetune = _read_json(p / "metrics.json", run.warnings)
+    if isinstance(finetune, dict) and "task" in finetune:
+        run.finetune = finetune
+    elif finetune is not None:
+        run.warnings.append(f"{p / 'metrics.json'}: ignored, it has no \"task\" field")
+    if not (run.train or run.evals or run.summary or run.finetune):
+        run.warnings.append(f"{p}: no metrics logged yet")
+    return run
+
+
+def load_runs(paths: list[str | Path]) -> list[RunData]:
+    """Load several runs; folders with the same name are told apart by their parent folder."""
+    if not paths:
+        raise BertforgeError(f"no run directory given: {RUN_HINT}")
+    resolved = [Path(p).resolve() for p in paths]
+    names = [r.name for r in resolved]
+    return [load_run(p, name=(f"{r.parent.name}/{r.name}" if names.count(r.name) > 1 else r.name))
+            for p, r in zip(paths, resolved)]
+
+
+# ----------------------------------------------------------------------------- the runs table
+
+
+def infer_preset(model: dict) -> str | None:
+    """The preset name saved in the config, else the preset whose shape matches the saved model fields."""
+    if not model:
+        return None
+    if isinstance(model.get("preset"), str):
+        return model["preset"]
+    from bertforge.model.bert import PRESETS
+
+    shape = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+             "norm_position", "bias", "ffn")
+    found = [name for name, preset in PRESETS.items() if all(model.get(k) == getattr(preset, k) for k in shape)]
+    if found:
+        return found[0]
+    return f"custom L{model['num_hidden_layers']} H{model['hidden_size']}" if "hidden_size" in model else None
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _last(records: list[dict], key: str) -> float | None:
+    for r in reversed(records):
+        if _finite(r.get(key)) is not None:
+            return _finite(r[key])
+    return None
+
+
+def _best(records: list[dict], key: str, lower: bool) -> float | None:
+    values = [v for v in (_finite(r.get(key)) for r in records) if v is not None and math.isfinite(v)]
+    return (min(values) if lower else max(values)) if values else None
+
+
+def run_row(run: RunData) -> dict:
+    """The runs-table row: raw numbers (None where the run did not log the value)."""
+    records = run.train + run.evals
+    summary = run.summary or {}
+    evals = run.evals or ([summary] if any(k.startswith("eval_") for k in summary) else [])
+
+    def final(key: str) -> float | None:
+        value = _finite(summary.get(key))
+        return value if value is not None else max((r[key] for r in records if key in r), default=None)
+
+    eval_loss = _last(evals, "eval_loss")
+    perplexity = _last(evals, "eval_perplexity")
+    if perplexity is None and eval_loss is not None:
+        perplexity = math.exp(min(eval_loss, 50.0))
+    rates = [v for v in (_finite(r.get("tokens_per_s")) for r in run.train) if v is not None]
+    optim = run.config.get("optim") if isinstance(run.config.get("optim"), dict) else {}
+    model = run.config.get("model") if isinstance(run.config.get("model"), dict) else {}
+    reason = summary.get("stop_reason", "budget")  # budget = finished; diverged / loss_threshold = stopped early
+    status = ("done" if reason == "budget" else str(reason)) if run.summary is not None else "incomplete"
+    return {
+        "run": run.name, "optimizer": run.optimizer, "lr": _finite(optim.get("lr")), "preset": infer_preset(model),
+        "steps": final("step"), "tokens": final("tokens"),
+        "tokens_per_s": statistics.median(rates) if rates else None, "wall_s": final("elapsed"),
+        "train_loss": _last(run.train, "loss"),
+        "eval_loss": eval_loss, "best_eval_loss": _best(evals, "eval_loss", lower=True),
+        "eval_accuracy": _last(evals, "eval_accuracy"), "best_eval_accuracy": _best(evals, "eval_accuracy", lower=False),
+        "eval_perplexity": perplexity, "status": status,
+    }
+
+
+def format_duration(seconds: float) -> str:
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h {m:02d}m" if h else (f"{m}m {s:02d}s" if m else f"{s}s")
+
+
+def format_cell(column: str, value: Any) -> str:
+    """Markdown rendering of one runs-table cell; '—' for a missing value."""
+    if value is None:
+        return "—"
+    if isinstance(value, str):
+        return value.replace("|", "\\|")
+    if column == "wall_s":
+        return format_duration(value)
+    return CELL_FORMATS.get(column, "{:.4f}").format(value)
+
+
+def markdown_table(headers: tuple[str, ...] | list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def runs_markdown(rows: list[dict]) -> str:
+    return markdown_table([h for _, h in RUN_TABLE], [[format_cell(c, row[c]) for c in RUN_COLUMNS] for row in rows])
+
+
+def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: "" if row.get(c) is None else row[c] for c in columns})
+
+
+# ----------------------------------------------------------------------------- fine-tuning aggregation
+
+
+def finetune_rows(runs: list[RunData]) -> tuple[list[dict], list[str]]:
+    """task x model x metric -> median, min, max and quartiles over seeds (numeric fields of metrics.json)."""
+    import numpy as np
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for run in runs:
+        if run.finetune is not None:
+            groups.setdefault((str(run.finetune["task"]), str(run.finetune.get("model"))), []).append(run.finetune)
+    rows, warnings = [], []
+    for (task, model), items in sorted(groups.items()):
+        seeds = [m.get("seed") for m in items]
+        if len(set(map(str, seeds))) < len(seeds):
+            warnings.append(f"task {task}, model {model}: seeds {seeds} repeat; every run is counted")
+        metrics = sorted({k for m in items for k, v in m.items() if k not in FINETUNE_ID_KEYS and _finite(v) is not None})
+        for metric in metrics:
+            values = [_finite(m.get(metric)) for m in items]
+            values = [v for v in values if v is not None]
+            q1, q3 = (float(q) for q in np.percentile(values, [25, 75]))
+            rows.append({"task": task, "model": model, "metric": metric, "n": len(values),
+                         "seeds": " ".join(str(m.get("seed")) for m in items if _finite(m.get(metric)) is not None),
+                         "median": statistics.median(values), "min": min(values), "max": max(values),
+                         "q1": q1, "q3": q3})
+    return rows, warnings
+
+
+def finetune_markdown(rows: list[dict]) -> str:
+    headers = ("task", "model", "metric", "seeds", "median", "min–max", "IQR (q1–q3)")
+    body = [[r["task"], r["model"].replace("|", "\\|"), r["metric"], str(r["n"]), f"{r['median']:.4f}",
+             f"{r['min']:.4f}–{r['max']:.4f}", f"{r['q1']:.4f}–{r['q3']:.4f}"] for r in rows]
+    return markdown_table(headers, body)
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _figure_tools():
+    """matplotlib's Figure and Agg canvas, imported on first use."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise BertforgeError("bertforge report draws its plots with matplotlib, which is not installed: "
+                             "pip install 'bertforge[plot]' (or pass --no-plots for the tables only)") from None
+    return Figure, FigureCanvasAgg
+
+
+def time_unit(runs: list[RunData]) -> tuple[str, float]:
+    longest = max((_finite(r.get("elapsed")) or 0.0 for run in runs for r in run.train + run.evals), default=0.0)
+    return ("hours", 3600.0) if longest > 7200 else (("minutes", 60.0) if longest > 120 else ("seconds", 1.0))
+
+
+def _series(records: list[dict], x_key: str, y_key: str, scale: float) -> tuple[list[float], list[float]]:
+    points = [(_finite(r.get(x_key)), _finite(r.get(y_key))) for r in records]
+    points = [(x / scale, y if math.isfinite(y) else math.nan) for x, y in points  # diverged: a gap
+              if x is not None and y is not None]
+    return [x for x, _ in points], [y for _, y in points]
+
+
+def plot_metric(runs: list[RunData], source: str, key: str, x_key: str, path: Path, *,
+                ylabel: str, xlabel: str, scale: float = 1.0) -> bool:
+    """One PNG, one line per run; False (nothing written) when no run logged `key`."""
+    Figure, FigureCanvasAgg = _figure_tools()
+    fig = Figure(figsize=(8, 4.8), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    series = [(run.label, *_series(getattr(run, source), x_key, key, scale)) for run in runs]
+    series = [(label, xs, ys) for label, xs, ys in series if xs]
+    if not series:
+        return False
+    for label, xs, ys in series:
+        ax.plot(xs, ys, label=label, marker="o" if len(xs) <= 30 else None, markersize=3, linewidth=1.4)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{ylabel} vs {xlabel.split(' ')[0]}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return True
+
+
+def plot_runs(runs: list[RunData], out: Path) -> list[Path]:
+    """Training loss, learning rate and every logged eval metric, each vs step and vs time; the PNG paths."""
+    unit, scale = time_unit(runs)
+    eval_keys = sorted({k for run in runs for r in run.evals for k in r
+                        if k.startswith("eval_") and k not in EVAL_NOT_PLOTTED and _finite(r[k]) is not None},
+                       key=lambda k: (k != "eval_loss", k != "eval_accuracy", k))
+    plans = [("train", "loss", "train_loss", "training loss"), ("train", "lr", "lr", "learning rate")]
+    plans += [("evals", key, key, key.replace("_", " ")) for key in eval_keys]
+    written = []
+    for source, key, stem, ylabel in plans:
+        for x_key, x_name, xlabel, s in (("step", "step", "step", 1.0), ("elapsed", "time", f"time ({unit})", scale)):
+            path = out / f"{stem}_vs_{x_name}.png"
+            if plot_metric(runs, source, key, x_key, path, ylabel=ylabel, xlabel=xlabel, scale=s):
+                written.append(path)
+    return written
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def build_report(paths: list[str | Path], out: str | Path, *, plots: bool = True) -> Report:
+    """Read the runs, write tables (markdown + CSV) and plots into `out`; returns what was written."""
+    runs = load_runs(paths)
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BertforgeError(f"--out '{out}' is a file: pass a folder for the report")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [run_row(run) for run in runs if run.train or run.evals or run.summary]
+    ft_rows, ft_warnings = finetune_rows(runs)
+    files = [out_dir / "report.md"]
+    for name, columns, table_rows in (("runs.csv", RUN_COLUMNS, rows), ("finetune.csv", FINETUNE_COLUMNS, ft_rows)):
+        if table_rows:
+            write_csv(out_dir / name, columns, table_rows)
+            files.append(out_dir / name)
+    table, ft_table = runs_markdown(rows) if rows else "", finetune_markdown(ft_rows) if ft_rows else None
+    pngs = plot_runs(runs, out_dir) if plots else []
+    page = ["# bertforge report\n", "Runs: " + ", ".join(f"`{run.path}`" for run in runs) + "\n"]
+    page += [f"## Runs\n\n{table}"] if table else []
+    page += [f"## Fine-tuning (over seeds)\n\n{ft_table}"] if ft_table else []
+    page += [f"## {p.stem.replace('_', ' ')}\n\n![{p.stem}]({p.name})\n" for p in pngs]
+    (out_dir / "report.md").write_text("\n".join(page), encoding="utf-8")
+    warnings = [w for run in runs for w in run.warnings] + ft_warnings
+    return Report(files + pngs, runs, table, ft_table, warnings)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (pretraining or fine-tuning)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md, the CSV tables and the PNGs")
+    p.add_argument("--no-plots", action="store_true", help="write the tables only (no matplotlib needed)")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    report = build_report(args.runs, args.out, plots=not args.no_plots)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if report.runs_markdown:
+        print(report.runs_markdown)
+    if report.finetune_markdown:
+        print(report.finetune_markdown)
+    print(f"wrote {len(report.files)} files to {args.out}: {', '.join(f.name for f in report.files)}")
+    return 0
