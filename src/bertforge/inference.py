@@ -28,6 +28,7 @@ from bertforge.errors import BertforgeError
 MLM_HEADS = ("masked_lm", "pretraining")
 EMBEDDING_FORMATS = (".npy", ".jsonl", ".csv")
 CONVERT_TARGETS = ("bertforge", "hf", "sentence-transformers")
+HIDDEN_META = ("modules", "pooling_config", "pooling", "normalize", "max_seq_length", "discarded")
 MODEL_HINT = "pass a folder written by `bertforge quickstart`/`bertforge convert` or a Hugging Face BERT folder"
 
 
@@ -235,7 +236,11 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def model_info(model_dir) -> dict:
     """Format, head, parameter counts, config and tokenizer of a model folder."""
-    loaded = load_checked(model_dir)
+    return describe(load_checked(model_dir), model_dir)
+
+
+def describe(loaded, model_dir) -> dict:
+    """`model_info` of an already loaded model (a `LoadedModel`)."""
     total, non_embedding = count_parameters(loaded.model)
     tok = loaded.tokenizer
     return {
@@ -263,6 +268,13 @@ def format_model_info(info: dict) -> str:
         ("tokenizer", f"lowercase {t['do_lower_case']}, fingerprint {t['fingerprint'][:12]}"),
         ("positions", f"{c['max_position_embeddings']}"),
     ]
+    meta = info["meta"]
+    if "pooling" in meta:
+        rows.append(("embeddings", f"{meta['pooling']} pooling, normalize {meta.get('normalize')}, "
+                                   f"max_seq_length {meta.get('max_seq_length')}"))
+    notes = {k: v for k, v in meta.items() if k not in HIDDEN_META and v not in (None, [], {})}
+    if notes:
+        rows.append(("meta", ", ".join(f"{k}={v}" for k, v in notes.items())))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -191,15 +191,14 @@ def step_export(ctx: Context) -> str:
 def step_verify(ctx: Context) -> str:
     import torch
 
-    from bertforge.inference import model_info
-    from bertforge.model.loading import load_model
+    from bertforge.inference import describe, load_checked
 
     diffs, infos = [], []
     for path in (ctx.out / "model", ctx.out / "model-hf"):
-        infos.append(model_info(path))
+        loaded = load_checked(path)  # what `bertforge info` does
+        infos.append(describe(loaded, path))
         with torch.inference_mode():
-            logits = load_model(path).model(ctx.batch["input_ids"],
-                                            attention_mask=ctx.batch["attention_mask"]).logits
+            logits = loaded.model(ctx.batch["input_ids"], attention_mask=ctx.batch["attention_mask"]).logits
         diffs.append((logits - ctx.batch["logits"]).abs().max().item())
     counts = {i["parameters"]["total"] for i in infos}
     if len(counts) != 1 or max(diffs) > 1e-5:
@@ -278,4 +277,5 @@ def print_summary(ctx: Context, echo: Callable[..., None] = print) -> None:
     echo("\nnext:")
     echo(f"  bertforge info {model}")
     echo(f"  bertforge fill-mask {model} \"return the [MASK] of items.\"   (untrained: random guesses)")
-    echo(f"  bertforge similarity {model} \"open a file\" \"read a file\"")
+    echo(f"  python -c \"from transformers import AutoModelForMaskedLM as M; "
+         f"print(M.from_pretrained('{ctx.out / 'model-hf'}').num_parameters())\"   (with transformers)")
