@@ -200,8 +200,9 @@ def test_inspect_command_on_text_and_prepared_rows(tokenizer, tmp_path, capsys):
     assert "\x1b[" in out and "masked tokens predicted correctly" in out and html_file.is_file()
     assert "Accuracy <b>" in html_file.read_text()
 
+    (tmp_path / "metrics.jsonl").write_text("")  # tmp_path is now a run folder holding model/
     rows = _prepared_dir(tmp_path / "data", tokenizer)
-    assert run_inspect(_args(str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--index", "1",
+    assert run_inspect(_args(str(tmp_path), "--data", str(tmp_path / "data"), "--index", "1",
                              "--mask-rate", "0.2", "--color", "never")) == 0
     out = capsys.readouterr().out
     assert "\x1b[" not in out

@@ -286,7 +286,7 @@ def validation_row(data_dir: str | os.PathLike, index: int, tokenizer: Any) -> t
 
 
 def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model folder with a masked-LM head (ours or Hugging Face)")
+    p.add_argument("model", help="model folder with a masked-LM head (ours or Hugging Face), or a run folder")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="the passage to mask and predict")
     source.add_argument("--data", metavar="DIR", help="a folder written by `bertforge prepare`: use a validation row")
@@ -306,7 +306,11 @@ def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
 def run_inspect(args: argparse.Namespace) -> int:
     from bertforge.model.loading import load_model
 
-    loaded = load_model(args.model)
+    model_dir = Path(args.model)
+    if (model_dir / "metrics.jsonl").is_file() and (model_dir / "model" / "config.json").is_file():
+        model_dir = model_dir / "model"  # a run directory: its final model
+        print(f"using the final model of the run: {model_dir}", file=sys.stderr)
+    loaded = load_model(model_dir)
     if loaded.head not in MLM_HEADS:
         raise BertforgeError(f"model '{args.model}' has a '{loaded.head}' head, not a masked-LM head: pass a "
                              "pretrained model (BertForMaskedLM / BertForPreTraining)")
@@ -331,7 +335,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(render_terminal(records, color=color))
     if args.html:
         where = f"validation row {args.index} of {args.data}" if args.data else "text"
-        page = render_html(records, f"{Path(args.model).name}: masked predictions ({where})")
+        page = render_html(records, f"{model_dir}: masked predictions ({where})")
         Path(args.html).parent.mkdir(parents=True, exist_ok=True)
         Path(args.html).write_text(page, encoding="utf-8")
         print(f"wrote {args.html}")
