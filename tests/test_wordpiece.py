@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from bertforge import wordpiece
 from bertforge.errors import BertforgeError
 from bertforge.wordpiece import SPECIAL_TOKENS, WordPieceTokenizer, train_wordpiece
 
@@ -123,6 +124,47 @@ def test_training_is_deterministic(trained, shared_data):
         shared_data / "wikitext-2-raw" / "wiki.valid.raw", vocab_size=4000, show_progress=False
     )
     assert again.fingerprint() == trained.fingerprint()
+
+
+def test_alphabet_and_continuing_pieces_equal_hf_trainer(shared_data, tmp_path):
+    """Our first pass predicts exactly the characters and ##c pieces the tokenizers trainer makes."""
+    implementations = pytest.importorskip("tokenizers.implementations")
+    lines = (shared_data / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8").splitlines()
+    mixed = [
+        "누구나 한국어를 배울 수 있다. 日本語のひらがなとカタカナ。中文字符，标点！",
+        "Ça coûte 25°C — naïve résumé, Ünïcödé «quotes» (x²+y³) ½ ‰ ‐hyphen‐ l'été",
+        "emoji 😀smile😀 ZWJ\u200bspace tab\tsep İstanbul ǅemal ß straße ﬁne",
+    ]
+    path = tmp_path / "mixed.txt"
+    path.write_text("\n".join(lines[:400] + mixed) + "\n", encoding="utf-8")
+    for lowercase in (True, False):
+        ours = train_wordpiece(path, vocab_size=3000, lowercase=lowercase, show_progress=False)
+        hf = implementations.BertWordPieceTokenizer(lowercase=lowercase, strip_accents=None)
+        hf.train([str(path)], vocab_size=3000, special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+
+        def singles(vocab):
+            return {t for t in vocab if len(t) == 1 or (t.startswith("##") and len(t) == 3)}
+
+        assert singles(ours.backend.get_vocab()) == singles(hf.get_vocab())
+        # ...and the first pass alone already predicts them (no retraining needed)
+        settings = wordpiece._Settings(do_lower_case=lowercase)
+        alphabet, continuing = wordpiece._alphabet(path, settings, 1000)
+        assert set(alphabet) | set(continuing) == singles(hf.get_vocab())
+
+
+def test_unforeseen_continuing_pieces_trigger_a_retrain(shared_data, tmp_path, monkeypatch):
+    lines = (shared_data / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8").splitlines()
+    path = tmp_path / "slice.txt"
+    path.write_text("\n".join(lines[:300]) + "\n", encoding="utf-8")
+    expected = train_wordpiece(path, vocab_size=1500, show_progress=False)
+    real = wordpiece._alphabet
+
+    def forgetful(*args):
+        alphabet, continuing = real(*args)
+        return alphabet, continuing[::2]
+
+    monkeypatch.setattr(wordpiece, "_alphabet", forgetful)
+    assert train_wordpiece(path, vocab_size=1500, show_progress=False).fingerprint() == expected.fingerprint()
 
 
 def test_trained_round_trip_save_load_and_hf(trained, stsb_pairs, tmp_path):

@@ -14,9 +14,12 @@ tokenizer object should not be shared between threads that use different truncat
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import string
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -43,6 +46,16 @@ _SPECIAL_KEYS = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token
 TRUNCATION = ("longest_first", "only_second", False)
 TRAIN_BATCH_LINES = 1000
 MAX_INPUT_CHARS_PER_WORD = 100
+_CJK_RANGES = (  # BERT's "Chinese character" blocks: each such character is a word of its own
+    (0x4E00, 0x9FFF),
+    (0x3400, 0x4DBF),
+    (0x20000, 0x2A6DF),
+    (0x2A700, 0x2B73F),
+    (0x2B740, 0x2B81F),
+    (0x2B820, 0x2CEAF),
+    (0xF900, 0xFAFF),
+    (0x2F800, 0x2FA1F),
+)
 
 
 @dataclass
@@ -286,25 +299,32 @@ def train_wordpiece(
     iter_lines(sources)  # checks every source now
     settings = _Settings(do_lower_case=lowercase, strip_accents=strip_accents)
     alphabet, continuing = _alphabet(sources, settings, limit_alphabet)
-    fixed = len(SPECIAL_TOKENS) + len(continuing) + len(alphabet)
-    if fixed > vocab_size:
-        raise BertforgeError(
-            f"vocab_size={vocab_size} is smaller than the corpus alphabet ({fixed} tokens with special "
-            "and ## tokens): raise vocab_size or lower limit_alphabet"
+    for _ in range(2):
+        fixed = len(SPECIAL_TOKENS) + len(continuing) + len(alphabet)
+        if fixed > vocab_size:
+            raise BertforgeError(
+                f"vocab_size={vocab_size} is smaller than the corpus alphabet ({fixed} tokens with special "
+                "and ## tokens): raise vocab_size or lower limit_alphabet"
+            )
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            limit_alphabet=len(alphabet),
+            initial_alphabet=alphabet,
+            show_progress=show_progress,
+            special_tokens=[*SPECIAL_TOKENS, *continuing],
+            continuing_subword_prefix="##",
         )
-    backend = _build_backend({t: i for i, t in enumerate(SPECIAL_TOKENS)}, settings)
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        limit_alphabet=len(alphabet),
-        initial_alphabet=alphabet,
-        show_progress=show_progress,
-        special_tokens=[*SPECIAL_TOKENS, *continuing],
-        continuing_subword_prefix="##",
-    )
-    backend.train_from_iterator(_batches(iter_lines(sources)), trainer=trainer)
-    vocab = sorted(backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
-    tokens = [t for t, _ in vocab]
+        backend = _build_backend({t: i for i, t in enumerate(SPECIAL_TOKENS)}, settings)
+        backend.train_from_iterator(_batches(iter_lines(sources)), trainer=trainer)
+        vocab = sorted(backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+        tokens = [t for t, _ in vocab]
+        unforeseen = {t for t in tokens if t.startswith("##") and len(t) == 3} - set(continuing)
+        if not unforeseen:  # every ## piece had a fixed id: the merges are reproducible
+            break
+        continuing = sorted({*continuing, *unforeseen})  # rare (see _alphabet): train again with them fixed
+    else:
+        raise RuntimeError(f"WordPiece trainer keeps creating unforeseen ## pieces: {sorted(unforeseen)}")
     if [i for _, i in vocab] != list(range(len(vocab))) or tokens[: len(SPECIAL_TOKENS)] != list(
         SPECIAL_TOKENS
     ):
@@ -313,34 +333,51 @@ def train_wordpiece(
 
 
 def _alphabet(sources, settings: _Settings, limit: int | None) -> tuple[list[str], list[str]]:
-    """First pass: the alphabet (the `limit` most frequent normalized characters, ties by character)
-    and the `##c` pieces the trainer will need, sorted.
+    """First, cheap pass: the alphabet (the `limit` most frequent normalized characters, ties by
+    character) and the `##c` pieces the trainer will create, both sorted.
 
-    The `tokenizers` trainer alone is not deterministic (huggingface/tokenizers#1794): it gives `##c`
-    ids in hash-map order and breaks ties between equally frequent merges by id, and it cuts the
-    alphabet at `limit_alphabet` with arbitrary ties. Fixing both lists here, in a cheap pass with no
-    merges, and registering the `##c` pieces up front makes the second, real pass reproducible.
+    The `tokenizers` trainer alone is not deterministic (huggingface/tokenizers#1794): it numbers new
+    `##c` pieces in hash-map order, breaks ties between equally frequent merges by those numbers, and
+    cuts the alphabet at `limit_alphabet` with arbitrary ties. Passing both lists up front (the
+    alphabet as `initial_alphabet`, the pieces as extra special tokens) fixes every number. Word-inner
+    characters are found on raw text (BERT breaks words at whitespace, punctuation and CJK characters)
+    and then normalized per character, as BertNormalizer works per character; a character whose
+    normalization is longer (e.g. a Hangul syllable decomposed) contributes its tail anywhere. Errors
+    only add a few unused pieces; `train_wordpiece` retrains once if the trainer still made new ones.
     """
     counts: Counter[str] = Counter()
-
-    def counted() -> Iterator[str]:
-        for line in iter_lines(sources):
-            counts.update(line)
-            yield line
-
-    probe = _build_backend({t: i for i, t in enumerate(SPECIAL_TOKENS)}, settings)
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=1, show_progress=False, special_tokens=list(SPECIAL_TOKENS), continuing_subword_prefix="##"
-    )
-    probe.train_from_iterator(_batches(counted()), trainer=trainer)
-    seen = set(probe.get_vocab()) - set(SPECIAL_TOKENS)
+    inner: set[str] = set()
+    table = _word_break_table()
+    for line in iter_lines(sources):
+        counts.update(line)
+        inner.update("".join(word[1:] for word in line.translate(table).split()))
+    normalize = _build_backend(
+        {t: i for i, t in enumerate(SPECIAL_TOKENS)}, settings
+    ).normalizer.normalize_str
     normalized: Counter[str] = Counter()
+    inner_normalized: set[str] = set()
     for char, n in counts.items():
-        for c in probe.normalizer.normalize_str(char):
+        pieces = [c for c in normalize(char) if not c.isspace()]
+        for c in pieces:
             normalized[c] += n
-    chars = sorted((c for c in seen if len(c) == 1), key=lambda c: (-normalized[c], c))
+        inner_normalized.update(pieces if char in inner else pieces[1:])
+    chars = sorted(normalized, key=lambda c: (-normalized[c], c))
     alphabet = sorted(chars[:limit] if limit is not None else chars)
-    return alphabet, ["##" + c for c in alphabet if "##" + c in seen]
+    breaks = {c for c in alphabet if ord(c) in table or _is_cjk(c)}
+    return alphabet, ["##" + c for c in alphabet if c in inner_normalized and c not in breaks]
+
+
+@functools.lru_cache(maxsize=1)
+def _word_break_table() -> dict[int, str]:
+    """str.translate table sending BERT's word-break characters (ASCII punctuation, Unicode P*, CJK
+    ideographs; whitespace is left to str.split) to a space."""
+    punct = (i for i in range(0x20000) if unicodedata.category(chr(i)).startswith("P"))  # P* is in planes 0-1
+    cjk = (i for a, b in _CJK_RANGES for i in range(a, b + 1))
+    return dict.fromkeys([*map(ord, string.punctuation), *punct, *cjk], " ")
+
+
+def _is_cjk(char: str) -> bool:
+    return any(a <= ord(char) <= b for a, b in _CJK_RANGES)
 
 
 # ---------------------------------------------------------------------- helpers
