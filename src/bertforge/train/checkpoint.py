@@ -6,7 +6,7 @@ Layout of a run directory:
       config.json            resolved run config
       metrics.jsonl          one JSON object per logged step / evaluation
       checkpoints/
-        step_00001000/       trainer state (state.pt) + the model in our format (config.json, model.safetensors)
+        step_00001000/       trainer state (state.pt) + model/ (our format: config.json, model.safetensors, tokenizer)
         step_00002000/
         best -> step_...     (a plain text file `best` naming the best step directory)
         latest               (a plain text file naming the newest complete checkpoint)
@@ -99,12 +99,10 @@ class CheckpointManager:
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
         try:
             torch.save(state, tmp / STATE_FILE)
+            with open(tmp / STATE_FILE, "rb+") as fh:
+                os.fsync(fh.fileno())
             if write_model is not None:
-                write_model(tmp)
-            for f in tmp.iterdir():
-                if f.is_file():
-                    with open(f, "rb+") as fh:
-                        os.fsync(fh.fileno())
+                write_model(tmp / "model")  # writes (and fsyncs) atomically on its own
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

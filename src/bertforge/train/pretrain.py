@@ -59,38 +59,30 @@ def build_model_config(section: dict, vocab_size: int) -> BertConfig:
 
 
 class PretrainBatches:
-    """The global batch order described in the module docstring; stateful and resumable."""
+    """ShardLoader rows + dynamic masks seeded by (seed, epoch, global micro-batch); resumable."""
 
-    def __init__(self, rows, collator: MLMCollator, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        self.rows, self.collator, self.B, self.seed = rows, collator, batch_size, seed
+    def __init__(self, dataset, collator: MLMCollator, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        from bertforge.data.dataset import ShardLoader
+
+        self.loader = ShardLoader(dataset, batch_size, seed, rank=rank, world_size=world)
+        self.dataset, self.collator, self.seed = dataset, collator, seed
         self.rank, self.world = rank, world
-        self.per_rank = (len(rows) // batch_size) // world  # whole micro-batches per process per epoch
-        if self.per_rank < 1:
-            raise BertforgeError(f"the training split has {len(rows)} sequences, fewer than one batch of "
-                                 f"{batch_size} per process: lower train.batch_size or prepare more text")
-        self.epoch, self.position = 0, 0
-        self._perm_epoch, self._perm = -1, None
-
-    def _permutation(self) -> np.ndarray:
-        if self._perm_epoch != self.epoch:
-            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows))
-            self._perm_epoch = self.epoch
-        return self._perm
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        if self.position >= self.per_rank:
-            self.epoch, self.position = self.epoch + 1, 0
-        g = self.position * self.world + self.rank  # global micro-batch index in this epoch
-        idx = np.sort(self._permutation()[g * self.B:(g + 1) * self.B])  # sorted: memmap locality
-        self.collator.generator.manual_seed(mask_seed(self.seed, self.epoch, g))
-        self.position += 1
-        return self.collator(self.rows.take(idx))
+        loader = self.loader
+        if loader.step >= len(loader):
+            loader.epoch, loader.step = loader.epoch + 1, 0
+        g = loader.step * self.world + self.rank  # global micro-batch index in this epoch
+        idx = loader.indices(loader.epoch, loader.step)
+        loader.step += 1
+        self.collator.generator.manual_seed(mask_seed(self.seed, loader.epoch, g))
+        return self.collator(self.dataset.batch(idx))
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return self.loader.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
+        self.loader.load_state_dict(state)
 
 
 def mask_seed(seed: int, epoch: int, index: int) -> int:
@@ -107,7 +99,7 @@ def evaluate_mlm(model: nn.Module, rows, collator: MLMCollator, batch_size: int,
     for b in range(n):
         idx = np.arange(b * batch_size, min((b + 1) * batch_size, len(rows)))
         collator.generator.manual_seed(seed + b)
-        batch = {k: v.to(device) for k, v in collator(rows.take(idx)).items()}
+        batch = {k: v.to(device) for k, v in collator(rows.batch(idx)).items()}
         out = model(**batch)
         targets = batch["labels"][batch["labels"] != IGNORE_INDEX]
         if targets.numel():
@@ -126,28 +118,40 @@ def evaluate_mlm(model: nn.Module, rows, collator: MLMCollator, batch_size: int,
     return metrics
 
 
+def data_tokenizer_path(data: PretrainDataConfig, manifest: dict) -> Path:
+    """data.tokenizer if given, else the tokenizer copy inside the prepared folder, else the one prepare used."""
+    if data.tokenizer:
+        return Path(data.tokenizer)
+    inside = Path(data.path) / "tokenizer"
+    return inside if inside.is_dir() else Path(manifest["tokenizer"]["path"])
+
+
 def main(cfg: PretrainRunConfig) -> dict:
     """Pretrain as configured; returns the final metrics. Writes the run directory (see checkpoint.py)."""
-    from bertforge.data.dataset import PackedDataset, read_manifest
+    from bertforge.data.dataset import PackedDataset
     from bertforge.model.heads import BertForMaskedLM, BertForPreTraining
     from bertforge.model.loading import save_model
     from bertforge.wordpiece import WordPieceTokenizer
 
     dist.init_distributed()
     seed_everything(cfg.train.seed)
+    if not cfg.data.path:
+        raise BertforgeError("no data: pass data.path=DIR, a directory written by `bertforge prepare`")
     data_dir = Path(cfg.data.path)
-    manifest = read_manifest(data_dir)
-    tokenizer = WordPieceTokenizer.from_pretrained(cfg.data.tokenizer or data_dir / "tokenizer")
-    if manifest["tokenizer_fingerprint"] != tokenizer.fingerprint():
-        raise BertforgeError(f"tokenizer '{cfg.data.tokenizer or data_dir / 'tokenizer'}' is not the one the shards "
-                             f"in '{data_dir}' were prepared with: pass the matching data.tokenizer or re-run prepare")
-    nsp = manifest.get("mode") == "nsp"
+    train_rows = PackedDataset(data_dir, "train")
+    manifest = train_rows.manifest
+    tokenizer = WordPieceTokenizer.from_pretrained(data_tokenizer_path(cfg.data, manifest))
+    if manifest["tokenizer"]["fingerprint"] != tokenizer.fingerprint():
+        raise BertforgeError(f"tokenizer '{data_tokenizer_path(cfg.data, manifest)}' is not the one the shards in "
+                             f"'{data_dir}' were prepared with: pass the matching data.tokenizer or re-run prepare")
+    nsp = manifest["mode"] == "nsp"
     model_cfg = build_model_config(cfg.model, tokenizer.vocab_size)
     if manifest["seq_len"] > model_cfg.max_position_embeddings:
         raise BertforgeError(f"shards hold {manifest['seq_len']}-token rows but the model has "
                              f"{model_cfg.max_position_embeddings} positions: raise model.max_position_embeddings")
     model = (BertForPreTraining if nsp else BertForMaskedLM)(model_cfg)
     run_config = {**config_to_dict(cfg), "model": {"head": "pretraining" if nsp else "masked_lm",
+                                                   "preset": cfg.model.get("preset", "mini"),
                                                    **model_cfg.to_dict()}}
     device_type = "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
     optimizer = build_optimizer(model, cfg.optim, device_type)
@@ -161,10 +165,9 @@ def main(cfg: PretrainRunConfig) -> dict:
                              "or use optim.schedule=time with train.time_budget")
     scheduler = build_schedule(optimizer, cfg.optim, cfg.train.max_steps, budget_seconds=budget)
     collator = MLMCollator.from_tokenizer(tokenizer, cfg.masking, seed=cfg.train.seed)
-    train_rows = PackedDataset(data_dir, "train")
     batches = PretrainBatches(train_rows, collator, cfg.train.batch_size, cfg.train.seed,
                               dist.rank(), dist.world_size())
-    val_rows = PackedDataset(data_dir, "val") if manifest.get("splits", {}).get("val", 0) else None
+    val_rows = PackedDataset(data_dir, "val") if any(sh["split"] == "val" for sh in manifest["shards"]) else None
     eval_collator = MLMCollator.from_tokenizer(tokenizer, cfg.masking, seed=0)
 
     def evaluate(m: nn.Module) -> dict:

@@ -1,0 +1,97 @@
+"""`bertforge pretrain` and `bertforge sanity`: argument tables and runners (rows in cli.COMMANDS).
+
+Both take the same run config: a recipe file (`--config configs/cpu-budget.yaml`), a few common
+flags, and any field as a dotted override (`optim.lr=1e-3 model.preset=small`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+PRETRAIN_HELP = "pretrain a BERT with MLM (NSP optional) on prepared shards; resumable, DDP via torchrun"
+PRETRAIN_EXAMPLES = """examples:
+  bertforge pretrain --config configs/tiny-smoke.yaml --data data/shards --output runs/smoke
+  bertforge pretrain --config configs/cpu-budget.yaml --data data/shards --output runs/cpu --time-budget 1h
+  bertforge pretrain --config configs/cpu-budget.yaml --data data/shards --output runs/cpu --resume
+  bertforge pretrain --data data/shards --output runs/lamb optim.optimizer=lamb optim.lr=2e-3 train.max_steps=2000
+  torchrun --nproc_per_node 2 -m bertforge pretrain --config configs/gpu-budget.yaml --data data/shards --output runs/gpu"""
+
+SANITY_HELP = "can this setup overfit one batch? pass/fail with hints (learning rate, masking, labels)"
+SANITY_EXAMPLES = """examples:
+  bertforge sanity --data data/shards
+  bertforge sanity --config configs/cpu-budget.yaml --data data/shards optim.lr=1.0    # fails, says why"""
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides of any config field, e.g. optim.lr=1e-3 model.preset=small")
+    p.add_argument("--config", metavar="FILE", help="a recipe file (.yaml/.toml/.json), e.g. configs/cpu-budget.yaml")
+    p.add_argument("--data", metavar="DIR", help="prepared shards (from `bertforge prepare`) = data.path")
+
+
+def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
+    add_common_arguments(p)
+    p.add_argument("--output", metavar="DIR", help="run directory = train.output_dir")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    p.add_argument("--time-budget", metavar="DURATION", help="wall-clock budget, e.g. 1h or 45m = train.time_budget")
+    p.add_argument("--max-steps", type=int, metavar="N", help="= train.max_steps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+
+
+def resolve_config(args: argparse.Namespace):
+    from bertforge.config import load_run_config
+    from bertforge.train.pretrain import PretrainRunConfig
+
+    extra = []
+    if args.data:
+        extra.append(f"data.path={args.data}")
+    for flag, key in (("output", "train.output_dir"), ("time_budget", "train.time_budget"),
+                      ("max_steps", "train.max_steps")):
+        if getattr(args, flag, None) is not None:
+            extra.append(f"{key}={getattr(args, flag)}")
+    if getattr(args, "resume", False):
+        extra.append("train.resume=true")
+    if getattr(args, "no_progress", False):
+        extra.append("train.progress=false")
+    return load_run_config(PretrainRunConfig, file=args.config, overrides=[*args.overrides, *extra])
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from bertforge.train import distributed as dist
+    from bertforge.train.pretrain import main
+
+    summary = main(resolve_config(args))
+    if dist.is_main():
+        print(json.dumps(summary, indent=2))
+    return 0 if summary.get("stop_reason") == "budget" else 1
+
+
+def add_sanity_arguments(p: argparse.ArgumentParser) -> None:
+    add_common_arguments(p)
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps on the batch (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows in the batch (default: %(default)s)")
+    p.add_argument("--target-loss", type=float, default=0.5, help="pass below this loss (default: %(default)s)")
+
+
+def run_sanity(args: argparse.Namespace) -> int:
+    from bertforge.data.dataset import PackedDataset
+    from bertforge.data.masking import MLMCollator
+    from bertforge.errors import BertforgeError
+    from bertforge.model.heads import BertForMaskedLM
+    from bertforge.train.pretrain import build_model_config, data_tokenizer_path
+    from bertforge.train.sanity import run_sanity as run
+    from bertforge.wordpiece import WordPieceTokenizer
+
+    cfg = resolve_config(args)
+    if not cfg.data.path:
+        raise BertforgeError("sanity needs data: pass --data DIR (a `bertforge prepare` output)")
+    rows = PackedDataset(cfg.data.path, "train")
+    tokenizer = WordPieceTokenizer.from_pretrained(data_tokenizer_path(cfg.data, rows.manifest))
+    model = BertForMaskedLM(build_model_config(cfg.model, tokenizer.vocab_size))
+    collator = MLMCollator.from_tokenizer(tokenizer, cfg.masking, seed=cfg.train.seed)
+    batch_rows = rows.rows(list(range(min(args.batch_size, len(rows)))))
+    report = run(model, batch_rows, collator, cfg.optim, steps=args.steps, target_loss=args.target_loss,
+                 seed=cfg.train.seed)
+    print(report.render())
+    return 0 if report.passed else 1
