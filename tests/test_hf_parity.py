@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 from transformers.utils import logging as hf_logging
 
 from bertforge.errors import BertforgeError
@@ -324,3 +326,22 @@ def test_minilm_real_weights_equal_transformers(shared_data):
     assert (ours.last_hidden_state[real] - ref.last_hidden_state[real]).abs().max() <= TOL
     assert (ours.pooler_output - ref.pooler_output).abs().max() <= TOL
     assert ref.last_hidden_state.abs().max() > 1.0  # real activations, not a degenerate model
+
+
+def test_hf_checkpoint_with_sibling_head_weights(tmp_path):
+    """Like bert-base-uncased: architectures BertForMaskedLM, weights of BertForPreTraining (+pooler, NSP)."""
+    hf = hf_model("pretraining", None)
+    hf.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "architectures": ["BertForMaskedLM"]}))
+    loaded = load_model(tmp_path)
+    assert (loaded.head, loaded.initialized) == ("masked_lm", [])
+    assert loaded.meta["discarded"] == ["bert.pooler.bias", "bert.pooler.weight", "nsp.bias", "nsp.weight"]
+    batch = {k: v for k, v in make_batch("masked_lm", None).items() if k != "labels"}
+    with torch.no_grad():
+        assert (loaded.model(**batch).logits - hf(**batch).prediction_logits).abs().max() <= TOL
+    # a masked-LM checkpoint without its MLM weights is incomplete, not a different head
+    sd = {k: v for k, v in load_file(tmp_path / "model.safetensors").items() if not k.startswith("cls.predictions")}
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(BertforgeError, match=r"missing keys \[cls\.bias"):
+        load_model(tmp_path)

@@ -9,12 +9,15 @@ Writes are atomic: everything goes into a temporary folder beside the target, ev
 then the folder is renamed into place, so a killed save leaves the previous model (or nothing) at
 the target, never half a model. A kill can leave a `.<name>.tmp-*` folder beside it, safe to delete.
 
-Loading is strict. Every encoder weight must be present with its exact shape and every key in the
-checkpoint must be one the saved head owns. Asking for a different head than the saved one (or a
-different `num_labels`) keeps the encoder, drops the saved head's weights (listed in
+Loading is strict. Every encoder weight must be present with its exact shape, and the saved head's
+weights must all be there when that head is asked for. Asking for a different head than the saved
+one (or a different `num_labels`) keeps the encoder, drops the saved head's weights (listed in
 `meta["discarded"]`) and initialises the new head's parameters (listed in `.initialized`). The
 pooler counts as head-side here: only NSP and the classifiers train it, and checkpoints of
-pooler-less heads lack it.
+pooler-less heads lack it. In our format a key the saved head does not own is an error; an HF
+checkpoint may also hold weights of a sibling BERT head (bert-base-uncased is a BertForMaskedLM with
+pooler and NSP weights), which are dropped and listed like HF's "weights not used" (any key outside
+the BERT key table is still an error).
 """
 
 from __future__ import annotations
@@ -221,15 +224,15 @@ def load_model(path: str | os.PathLike, head: str | None = None, *,
         sd = hf_compat.convert_from_hf(_read_weights(model_dir, allow_bin=True), f"weights in '{model_dir}'")
         source = "hf"
     if st_meta is not None:
-        source = "sentence-transformers"
         meta.update(st_meta)
     head = head or saved_head
     model, initialized, discarded, num_labels = _fit(sd, config, saved_head, meta.get("num_labels"), head,
-                                                     num_labels, str(model_dir))
+                                                     num_labels, str(model_dir), strict_extra=source == "bertforge")
     if head != saved_head or num_labels != meta.get("num_labels"):
         meta["id2label"] = None
     meta.update(num_labels=num_labels, discarded=discarded)
     tokenizer = _load_tokenizer(model_dir, config)
+    source = "sentence-transformers" if st_meta is not None else source
     return LoadedModel(model.eval(), config, head, tokenizer, source, meta, initialized)
 
 
@@ -246,9 +249,10 @@ def _locate(root: Path) -> tuple[Path, dict | None]:
                              f"sentence-transformers BERT model has exactly one")
     model_dir = root / transformers_[0].get("path", "")
     meta: dict = {"modules": types, "normalize": any(t.endswith("models.Normalize") for t in types)}
-    pooling = [m for m, t in zip(modules, types) if t.endswith("models.Pooling")]
-    if pooling and (root / pooling[0].get("path", "") / CONFIG_NAME).is_file():
-        cfg = _read_json(root / pooling[0]["path"] / CONFIG_NAME)
+    pooling = [root / m.get("path", "") / CONFIG_NAME for m, t in zip(modules, types)
+               if t.endswith("models.Pooling")]
+    if pooling and pooling[0].is_file():
+        cfg = _read_json(pooling[0])
         modes = [m for m in ("cls", "mean", "max") if cfg.get(f"pooling_mode_{m}_token" if m == "cls" else
                                                              f"pooling_mode_{m}_tokens")]
         others = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v
@@ -330,12 +334,19 @@ def _read_weight_file(f: Path) -> dict[str, torch.Tensor]:
 
 
 def _fit(sd: dict[str, torch.Tensor], config: BertConfig, saved_head: str, saved_labels: int | None,
-         head: str, num_labels: int | None, where: str) -> tuple[nn.Module, list[str], list[str], int | None]:
-    """Build `head` and load `sd` (canonical keys) into it under the strict rules of the module doc."""
+         head: str, num_labels: int | None, where: str, strict_extra: bool
+         ) -> tuple[nn.Module, list[str], list[str], int | None]:
+    """Build `head` and load `sd` (canonical keys) into it under the rules of the module doc.
+
+    `strict_extra` (our format): a key the saved head does not own is an error. HF checkpoints often
+    carry weights of a sibling head (bert-base-uncased: BertForMaskedLM with pooler and NSP weights);
+    those are BERT keys the table knows, so they are dropped and listed in `discarded`, as HF does.
+    """
     if head not in HEADS:
         raise BertforgeError(f"unknown model head '{head}': use one of {', '.join(HEADS)}")
-    if num_labels is not None and head != _SEQ:
-        raise BertforgeError(f"num_labels={num_labels} applies to head '{_SEQ}' only, not '{head}': drop it")
+    if num_labels is not None and (head != _SEQ or num_labels < 1):
+        raise BertforgeError(f"num_labels={num_labels} does not apply to head '{head}': pass a positive "
+                             f"num_labels with head '{_SEQ}' only")
     if head == _SEQ:
         num_labels = num_labels or (saved_labels if saved_head == _SEQ else None) or 2
     same = head == saved_head and num_labels == saved_labels
@@ -347,7 +358,7 @@ def _fit(sd: dict[str, torch.Tensor], config: BertConfig, saved_head: str, saved
         return (k.startswith("bert.") and not k.startswith("bert.pooler.")) or (same and k in owned)
 
     fits = {k for k in sd if k in target and sd[k].shape == target[k].shape}
-    unexpected = [k for k in sd if k not in owned or (same and k not in target)]
+    unexpected = [k for k in sd if k not in owned or (same and k not in target)] if strict_extra else []
     missing = [k for k in target if required(k) and k not in sd]
     shapes = [f"{k} {tuple(sd[k].shape)} != {tuple(target[k].shape)}" for k in target
               if required(k) and k in sd and k not in fits]
