@@ -229,8 +229,10 @@ def test_fill_mask_top_k_matches_the_model(quickstart_dir):
     assert rc == 0 and stdout.count("[MASK]") == 2 and len(stdout.splitlines()) == 6
 
 
-def test_fill_mask_without_mask_or_mlm_head(quickstart_dir, minilm):
+def test_fill_mask_bad_text_or_no_mlm_head(quickstart_dir, minilm):
     assert_user_error(*run("fill-mask", quickstart_dir[0] / "model", "no mask here")[::2], "[MASK]")
+    too_long = "word " * 600 + "[MASK]"
+    assert_user_error(*run("fill-mask", quickstart_dir[0] / "model", too_long)[::2], "512 positions")
     assert_user_error(*run("fill-mask", minilm, "the [MASK] is blue.")[::2], "no masked-LM head",
                       str(minilm))
 

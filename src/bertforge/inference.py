@@ -99,7 +99,11 @@ def fill_mask(model_dir, text: str, top_k: int = 5) -> list[list[tuple[str, floa
             "head, e.g. the one `bertforge quickstart` writes or a Hugging Face BertForMaskedLM such as "
             "bert-base-uncased")
     mask_token = tok.convert_ids_to_tokens([tok.mask_token_id])[0]
-    enc = tok.encode(text, max_length=loaded.config.max_position_embeddings, truncation=False)
+    limit = loaded.config.max_position_embeddings
+    try:
+        enc = tok.encode(text, max_length=limit, truncation=False)
+    except BertforgeError:
+        raise BertforgeError(f"the text is longer than the model's {limit} positions: shorten it") from None
     positions = [i for i, t in enumerate(enc.input_ids) if t == tok.mask_token_id]
     if not positions:
         raise BertforgeError(f"text {text!r} has no {mask_token} token: put {mask_token} where a word "
