@@ -345,3 +345,16 @@ def test_hf_checkpoint_with_sibling_head_weights(tmp_path):
     save_file(sd, tmp_path / "model.safetensors")
     with pytest.raises(BertforgeError, match=r"missing keys \[cls\.bias"):
         load_model(tmp_path)
+
+
+def test_export_hf_tokenizer_loads_in_transformers(tmp_path):
+    from bertforge.wordpiece import SPECIAL_TOKENS, WordPieceTokenizer
+
+    tok = WordPieceTokenizer([*SPECIAL_TOKENS, "the", "cat", "sat", "on", "mat", "##s", "."])
+    export_hf(build_model("masked_lm", tiny()), tmp_path, tokenizer=tok)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text, pair = "The cats sat.", "on the mat"
+    ref = hf_tok(text, pair)
+    ours = tok.encode(text, pair)
+    assert (ref["input_ids"], ref["token_type_ids"]) == (ours.input_ids, ours.token_type_ids)
+    assert transformers.AutoModelForMaskedLM.from_pretrained(tmp_path).config.vocab_size == tiny().vocab_size
