@@ -146,8 +146,9 @@ def convert_from_hf(sd: Mapping[str, torch.Tensor], what: str = "HF state dict")
         else:
             out[name] = torch.cat(parts, dim=0)  # (3H, H) or (3H,)
     if unmapped or incomplete:
-        raise BertforgeError(f"{what}: unmapped keys [{format_keys(unmapped)}]; query/key/value incomplete for "
-                             f"[{format_keys(incomplete)}]: this is not a supported BERT checkpoint")
+        parts = [f"{label} [{format_keys(keys)}]" for label, keys in
+                 (("unmapped keys", unmapped), ("query/key/value incomplete for", incomplete)) if keys]
+        raise BertforgeError(f"{what}: {'; '.join(parts)}: this is not a supported BERT checkpoint")
     return out
 
 
