@@ -13,7 +13,10 @@ from bertforge.data import corpus
 from bertforge.data.corpus import iter_documents, iter_lines, python_docs_corpus, write_python_docs_corpus
 from bertforge.errors import BertforgeError
 
-TEXT = " = First = \n\n Para one line one.\nPara one line two.\n\n = = Section = = \n\nPara two.\n\n\n = Second = \nOnly para.\n"
+TEXT = (
+    " = First = \n\n Para one line one.\nPara one line two.\n\n = = Section = = \n\nPara two.\n\n\n"
+    " = Second = \nOnly para.\n"
+)
 
 
 @pytest.fixture

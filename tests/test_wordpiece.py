@@ -92,9 +92,12 @@ def test_minilm_truncation_matches_hf_on_squad(minilm_dir, squad_pairs):
     cut = ours.encode(question, context, max_length=128, truncation="only_second")
     assert len(cut.input_ids) == 128 and cut.input_ids[-1] == ours.sep_token_id
     assert cut.input_ids[: len(ours.tokenize(question)) + 2] == ours.encode(question).input_ids
-    # the switch between settings must not leak: an untruncated encode after a truncated one
+    # the switch between settings must not leak: an untruncated encode after a truncated one, and the
+    # public backend (used directly on hot paths) never truncates
     full = ours.encode(context, max_length=10_000, truncation=False)
     assert full.input_ids == hf(context)["input_ids"] and len(full.input_ids) > 256
+    assert ours.backend.truncation is None and ours.backend.padding is None
+    assert ours.backend.encode(context).ids == full.input_ids
 
 
 def test_package_model_dir_with_tokenizer_json_loads_the_same(minilm_dir):

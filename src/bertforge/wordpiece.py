@@ -8,8 +8,9 @@ a text stays one token, as in `transformers`. The pipeline is always rebuilt fro
 whether the source was `vocab.txt` + `tokenizer_config.json` or a `tokenizer.json`, so every loaded
 tokenizer behaves the same; `save` writes files `transformers.BertTokenizerFast` loads unchanged.
 
-The backend's truncation setting is changed per call (`encode`, `encode_batch`, `tokenize`), so one
-tokenizer object should not be shared between threads that use different truncation settings.
+`backend` never truncates or pads (callers may use it directly on hot paths); truncating encodes go
+through a private copy whose truncation setting changes per call, so one tokenizer object should not
+be shared between threads that encode with different truncation settings.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from tokenizers import (
     trainers,
 )
 from tokenizers import Encoding as _BackendEncoding
+from tqdm import tqdm
 
 from bertforge.data.corpus import Source, iter_lines
 from bertforge.errors import BertforgeError
@@ -47,15 +49,9 @@ TRUNCATION = ("longest_first", "only_second", False)
 TRAIN_BATCH_LINES = 1000
 MAX_INPUT_CHARS_PER_WORD = 100
 _CJK_RANGES = (  # BERT's "Chinese character" blocks: each such character is a word of its own
-    (0x4E00, 0x9FFF),
-    (0x3400, 0x4DBF),
-    (0x20000, 0x2A6DF),
-    (0x2A700, 0x2B73F),
-    (0x2B740, 0x2B81F),
-    (0x2B820, 0x2CEAF),
-    (0xF900, 0xFAFF),
-    (0x2F800, 0x2FA1F),
-)
+    (0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
+    (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F),
+)  # fmt: skip
 
 
 @dataclass
@@ -89,10 +85,8 @@ class WordPieceTokenizer:
             raise BertforgeError(f"vocabulary has the token {dup!r} twice: remove the duplicate line")
         missing = [t for t in settings.special if t not in index]
         if missing:
-            raise BertforgeError(
-                f"vocabulary lacks the special tokens {missing}: use a BERT vocabulary "
-                f"that contains {list(settings.special)}"
-            )
+            raise BertforgeError(f"vocabulary lacks the special tokens {missing}: use a BERT vocabulary "
+                                 f"that contains {list(settings.special)}")
         self.do_lower_case = settings.do_lower_case
         self.strip_accents = settings.strip_accents
         self._settings = settings
@@ -102,6 +96,7 @@ class WordPieceTokenizer:
         self.sep_token_id, self.mask_token_id = sep, mask
         self.special_ids = frozenset((pad, unk, cls, sep, mask))
         self.backend = _build_backend(index, settings)
+        self._truncating = Tokenizer.from_str(self.backend.to_str())  # reconfigured per call
 
     # ------------------------------------------------------------------ loading and saving
 
@@ -111,19 +106,14 @@ class WordPieceTokenizer:
         a tokenizer.json file."""
         path = Path(path)
         if path.is_dir():
-            config = (
-                _read_json(path / "tokenizer_config.json")
-                if (path / "tokenizer_config.json").is_file()
-                else {}
-            )
+            config_file = path / "tokenizer_config.json"
+            config = _read_json(config_file) if config_file.is_file() else {}
             if (path / "tokenizer.json").is_file():
                 return cls(*_from_tokenizer_json(path / "tokenizer.json", config))
             if (path / "vocab.txt").is_file():
                 return cls(_read_vocab(path / "vocab.txt"), _settings_from_config(config))
-            raise BertforgeError(
-                f"tokenizer folder '{path}' has neither vocab.txt nor tokenizer.json: "
-                "pass a folder written by `save` or a Hugging Face BERT model folder"
-            )
+            raise BertforgeError(f"tokenizer folder '{path}' has neither vocab.txt nor tokenizer.json: "
+                                 "pass a folder written by `save` or a Hugging Face BERT model folder")
         if path.is_file() and path.suffix == ".json":
             return cls(*_from_tokenizer_json(path, {}))
         if path.is_file():
@@ -137,114 +127,74 @@ class WordPieceTokenizer:
         (out / "vocab.txt").write_text("".join(t + "\n" for t in self._vocab), encoding="utf-8")
         self.backend.save(str(out / "tokenizer.json"))
         special = dict(zip(_SPECIAL_KEYS, self._settings.special))
-        config = {
-            "tokenizer_class": "BertTokenizer",
-            "do_lower_case": self.do_lower_case,
-            "strip_accents": self.strip_accents,
-            "tokenize_chinese_chars": self._settings.tokenize_chinese_chars,
-            "clean_up_tokenization_spaces": True,
-            "model_max_length": 512,
-            **special,
-        }
+        config = {"tokenizer_class": "BertTokenizer", "do_lower_case": self.do_lower_case,
+                  "strip_accents": self.strip_accents,
+                  "tokenize_chinese_chars": self._settings.tokenize_chinese_chars,
+                  "clean_up_tokenization_spaces": True, "model_max_length": 512, **special}
         _write_json(out / "tokenizer_config.json", config)
         _write_json(out / "special_tokens_map.json", special)
 
     def fingerprint(self) -> str:
         """Stable sha256 hex digest of the vocabulary and the normalization settings."""
         s = self._settings
-        payload = json.dumps(
-            {
-                "vocab": self._vocab,
-                "do_lower_case": s.do_lower_case,
-                "strip_accents": s.strip_accents,
-                "tokenize_chinese_chars": s.tokenize_chinese_chars,
-                "clean_text": s.clean_text,
-                "special": list(s.special),
-                "prefix": "##",
-            },
-            ensure_ascii=False,
-            separators=(",", ":"),
-        )
+        payload = json.dumps({"vocab": self._vocab, "do_lower_case": s.do_lower_case,
+                              "strip_accents": s.strip_accents, "clean_text": s.clean_text,
+                              "tokenize_chinese_chars": s.tokenize_chinese_chars,
+                              "special": list(s.special), "prefix": "##"},
+                             ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
     # ------------------------------------------------------------------ encoding
 
-    def encode(
-        self,
-        text: str,
-        pair: str | None = None,
-        *,
-        max_length: int = 512,
-        truncation: str | bool = "longest_first",
-        add_special_tokens: bool = True,
-    ) -> Encoding:
+    def encode(self, text: str, pair: str | None = None, *, max_length: int = 512,
+               truncation: str | bool = "longest_first", add_special_tokens: bool = True) -> Encoding:
         """Encode one text (or text pair); longer inputs are truncated to max_length tokens or, with
         truncation=False, rejected."""
-        return self.encode_batch(
-            [text],
-            None if pair is None else [pair],
-            max_length=max_length,
-            truncation=truncation,
-            add_special_tokens=add_special_tokens,
-        )[0]
+        return self.encode_batch([text], None if pair is None else [pair], max_length=max_length,
+                                 truncation=truncation, add_special_tokens=add_special_tokens)[0]
 
-    def encode_batch(
-        self,
-        texts: Sequence[str],
-        pairs: Sequence[str] | None = None,
-        *,
-        max_length: int = 512,
-        truncation: str | bool = "longest_first",
-        add_special_tokens: bool = True,
-    ) -> list[Encoding]:
+    def encode_batch(self, texts: Sequence[str], pairs: Sequence[str] | None = None, *,
+                     max_length: int = 512, truncation: str | bool = "longest_first",
+                     add_special_tokens: bool = True) -> list[Encoding]:
         """Encode many texts (or pairs) in parallel in the Rust backend."""
         if isinstance(texts, str) or isinstance(pairs, str):
             raise BertforgeError("encode_batch got a single string: pass a list of texts or use encode()")
-        self._set_truncation(max_length, truncation, pairs is not None)
+        backend = self._truncating_backend(max_length, truncation, pairs is not None)
         if pairs is not None and len(pairs) != len(texts):
-            raise BertforgeError(
-                f"encode_batch got {len(texts)} texts but {len(pairs)} pairs: pass one pair per text"
-            )
+            raise BertforgeError(f"encode_batch got {len(texts)} texts but {len(pairs)} pairs: "
+                                 "pass one pair per text")
         inputs = list(texts) if pairs is None else list(zip(texts, pairs))
         try:
-            raw = self.backend.encode_batch(inputs, add_special_tokens=add_special_tokens)
+            raw = backend.encode_batch(inputs, add_special_tokens=add_special_tokens)
         except Exception as exc:  # tokenizers raises plain Exception for truncation it cannot do
-            raise BertforgeError(
-                f"cannot encode to max_length={max_length} with truncation={truncation!r} "
-                f"({exc}): raise max_length or use truncation='longest_first'"
-            ) from None
+            raise BertforgeError(f"cannot encode to max_length={max_length} with truncation={truncation!r} "
+                                 f"({exc}): raise max_length or use truncation='longest_first'") from None
         if truncation is False:
             for i, enc in enumerate(raw):
                 if len(enc.ids) > max_length:
                     raise BertforgeError(
-                        f"input {i} has {len(enc.ids)} tokens > max_length={max_length} with "
-                        "truncation=False: shorten it, raise max_length or enable truncation"
-                    )
+                        f"input {i} has {len(enc.ids)} tokens > max_length={max_length} with truncation=False: "
+                        "shorten it, raise max_length or enable truncation")
         return [_to_encoding(enc) for enc in raw]
 
-    def _set_truncation(self, max_length: int, truncation: str | bool, has_pair: bool) -> None:
+    def _truncating_backend(self, max_length: int, truncation: str | bool, has_pair: bool) -> Tokenizer:
         if truncation not in TRUNCATION:
-            raise BertforgeError(
-                f"truncation={truncation!r} is unknown: use 'longest_first', 'only_second' or False"
-            )
+            raise BertforgeError(f"truncation={truncation!r} is unknown: "
+                                 "use 'longest_first', 'only_second' or False")
         if not isinstance(max_length, int) or max_length < 1:
             raise BertforgeError(f"max_length={max_length!r} is invalid: pass a positive integer")
         if truncation == "only_second" and not has_pair:
-            raise BertforgeError(
-                "truncation='only_second' needs text pairs: pass pairs or use 'longest_first'"
-            )
+            raise BertforgeError("truncation='only_second' needs text pairs: "
+                                 "pass pairs or use 'longest_first'")
         if truncation is False:
-            if self.backend.truncation is not None:
-                self.backend.no_truncation()
-            return
+            return self.backend
         want = {"max_length": max_length, "stride": 0, "strategy": truncation, "direction": "right"}
-        if self.backend.truncation != want:
-            self.backend.enable_truncation(max_length, strategy=truncation)
+        if self._truncating.truncation != want:
+            self._truncating.enable_truncation(max_length, strategy=truncation)
+        return self._truncating
 
     def tokenize(self, text: str) -> list[str]:
         """WordPiece tokens of `text`, without special tokens and without truncation."""
-        if self.backend.truncation is not None:
-            self.backend.no_truncation()
         return self.backend.encode(text, add_special_tokens=False).tokens
 
     def convert_tokens_to_ids(self, tokens: Iterable[str]) -> list[int]:
@@ -263,58 +213,39 @@ class WordPieceTokenizer:
         ids = [int(i) for i in ids]
         bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
         if bad is not None:
-            raise BertforgeError(
-                f"token id {bad} is outside the vocabulary (size {self.vocab_size}): "
-                "pass ids produced by this tokenizer"
-            )
+            raise BertforgeError(f"token id {bad} is outside the vocabulary (size {self.vocab_size}): "
+                                 "pass ids produced by this tokenizer")
         return ids
 
     def __len__(self) -> int:
         return self.vocab_size
 
     def __repr__(self) -> str:
-        return (
-            f"WordPieceTokenizer(vocab_size={self.vocab_size}, do_lower_case={self.do_lower_case}, "
-            f"strip_accents={self.strip_accents})"
-        )
+        return (f"WordPieceTokenizer(vocab_size={self.vocab_size}, do_lower_case={self.do_lower_case}, "
+                f"strip_accents={self.strip_accents})")
 
 
-def train_wordpiece(
-    sources: Source | Iterable[Source],
-    *,
-    vocab_size: int = 30522,
-    lowercase: bool = True,
-    strip_accents: bool | None = None,
-    min_frequency: int = 2,
-    limit_alphabet: int | None = 1000,
-    show_progress: bool = True,
-) -> WordPieceTokenizer:
+def train_wordpiece(sources: Source | Iterable[Source], *, vocab_size: int = 30522, lowercase: bool = True,
+                    strip_accents: bool | None = None, min_frequency: int = 2,
+                    limit_alphabet: int | None = 1000, show_progress: bool = True) -> WordPieceTokenizer:
     """Train a WordPiece vocabulary on the lines of `sources` (streamed; see bertforge.data.corpus),
     with [PAD], [UNK], [CLS], [SEP], [MASK] as ids 0..4. The result is deterministic (see _alphabet)."""
     if vocab_size <= len(SPECIAL_TOKENS):
-        raise BertforgeError(
-            f"vocab_size={vocab_size} is too small: it must exceed the "
-            f"{len(SPECIAL_TOKENS)} special tokens plus the alphabet (try >= 1000)"
-        )
+        raise BertforgeError(f"vocab_size={vocab_size} is too small: it must exceed the "
+                             f"{len(SPECIAL_TOKENS)} special tokens plus the alphabet (try >= 1000)")
     iter_lines(sources)  # checks every source now
     settings = _Settings(do_lower_case=lowercase, strip_accents=strip_accents)
-    alphabet, continuing = _alphabet(sources, settings, limit_alphabet)
+    alphabet, continuing = _alphabet(sources, settings, limit_alphabet, show_progress)
     for _ in range(2):
         fixed = len(SPECIAL_TOKENS) + len(continuing) + len(alphabet)
         if fixed > vocab_size:
             raise BertforgeError(
                 f"vocab_size={vocab_size} is smaller than the corpus alphabet ({fixed} tokens with special "
-                "and ## tokens): raise vocab_size or lower limit_alphabet"
-            )
+                "and ## tokens): raise vocab_size or lower limit_alphabet")
         trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size,
-            min_frequency=min_frequency,
-            limit_alphabet=len(alphabet),
-            initial_alphabet=alphabet,
-            show_progress=show_progress,
-            special_tokens=[*SPECIAL_TOKENS, *continuing],
-            continuing_subword_prefix="##",
-        )
+            vocab_size=vocab_size, min_frequency=min_frequency, limit_alphabet=len(alphabet),
+            initial_alphabet=alphabet, show_progress=show_progress,
+            special_tokens=[*SPECIAL_TOKENS, *continuing], continuing_subword_prefix="##")
         backend = _build_backend({t: i for i, t in enumerate(SPECIAL_TOKENS)}, settings)
         backend.train_from_iterator(_batches(iter_lines(sources)), trainer=trainer)
         vocab = sorted(backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
@@ -325,14 +256,13 @@ def train_wordpiece(
         continuing = sorted({*continuing, *unforeseen})  # rare (see _alphabet): train again with them fixed
     else:
         raise RuntimeError(f"WordPiece trainer keeps creating unforeseen ## pieces: {sorted(unforeseen)}")
-    if [i for _, i in vocab] != list(range(len(vocab))) or tokens[: len(SPECIAL_TOKENS)] != list(
-        SPECIAL_TOKENS
-    ):
+    if [i for _, i in vocab] != list(range(len(vocab))) or tokens[:5] != list(SPECIAL_TOKENS):
         raise RuntimeError(f"tokenizers trainer returned an unexpected vocabulary layout: {vocab[:8]}")
     return WordPieceTokenizer(tokens, settings)
 
 
-def _alphabet(sources, settings: _Settings, limit: int | None) -> tuple[list[str], list[str]]:
+def _alphabet(sources, settings: _Settings, limit: int | None, show_progress: bool = False
+              ) -> tuple[list[str], list[str]]:
     """First, cheap pass: the alphabet (the `limit` most frequent normalized characters, ties by
     character) and the `##c` pieces the trainer will create, both sorted.
 
@@ -348,12 +278,12 @@ def _alphabet(sources, settings: _Settings, limit: int | None) -> tuple[list[str
     counts: Counter[str] = Counter()
     inner: set[str] = set()
     table = _word_break_table()
-    for line in iter_lines(sources):
+    lines = tqdm(iter_lines(sources), desc="WordPiece alphabet", unit=" lines", disable=not show_progress)
+    for line in lines:
         counts.update(line)
         inner.update("".join(word[1:] for word in line.translate(table).split()))
-    normalize = _build_backend(
-        {t: i for i, t in enumerate(SPECIAL_TOKENS)}, settings
-    ).normalizer.normalize_str
+    normalizer = _build_backend({t: i for i, t in enumerate(SPECIAL_TOKENS)}, settings).normalizer
+    normalize = normalizer.normalize_str
     normalized: Counter[str] = Counter()
     inner_normalized: set[str] = set()
     for char, n in counts.items():
@@ -385,42 +315,25 @@ def _is_cjk(char: str) -> bool:
 
 def _build_backend(index: dict[str, int], s: _Settings) -> Tokenizer:
     unk = s.special[1]
-    tok = Tokenizer(
-        models.WordPiece(
-            index,
-            unk_token=unk,
-            continuing_subword_prefix="##",
-            max_input_chars_per_word=MAX_INPUT_CHARS_PER_WORD,
-        )
-    )
+    tok = Tokenizer(models.WordPiece(index, unk_token=unk, continuing_subword_prefix="##",
+                                     max_input_chars_per_word=MAX_INPUT_CHARS_PER_WORD))
     tok.normalizer = normalizers.BertNormalizer(
-        clean_text=s.clean_text,
-        handle_chinese_chars=s.tokenize_chinese_chars,
-        strip_accents=s.strip_accents,
-        lowercase=s.do_lower_case,
-    )
+        clean_text=s.clean_text, handle_chinese_chars=s.tokenize_chinese_chars,
+        strip_accents=s.strip_accents, lowercase=s.do_lower_case)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     cls, sep = s.special[2], s.special[3]
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{cls}:0 $A:0 {sep}:0",
-        pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
-        special_tokens=[(cls, index[cls]), (sep, index[sep])],
-    )
+        single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+        special_tokens=[(cls, index[cls]), (sep, index[sep])])
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in s.special])
     return tok
 
 
 def _to_encoding(enc: _BackendEncoding) -> Encoding:
-    return Encoding(
-        input_ids=enc.ids,
-        token_type_ids=enc.type_ids,
-        attention_mask=enc.attention_mask,
-        offsets=enc.offsets,
-        special_tokens_mask=enc.special_tokens_mask,
-        word_ids=enc.word_ids,
-        sequence_ids=enc.sequence_ids,
-    )
+    return Encoding(input_ids=enc.ids, token_type_ids=enc.type_ids, attention_mask=enc.attention_mask,
+                    offsets=enc.offsets, special_tokens_mask=enc.special_tokens_mask, word_ids=enc.word_ids,
+                    sequence_ids=enc.sequence_ids)
 
 
 def _batches(lines: Iterator[str]) -> Iterator[list[str]]:
@@ -433,9 +346,8 @@ def _read_vocab(path: Path) -> list[str]:
         with open(path, encoding="utf-8") as f:
             tokens = [line.rstrip("\n") for line in f]
     except UnicodeDecodeError:
-        raise BertforgeError(
-            f"vocabulary file '{path}' is not UTF-8 text: pass a vocab.txt, one token per line"
-        ) from None
+        raise BertforgeError(f"vocabulary file '{path}' is not UTF-8 text: pass a vocab.txt, "
+                             "one token per line") from None
     if not tokens:
         raise BertforgeError(f"vocabulary file '{path}' is empty: pass a vocab.txt, one token per line")
     return tokens
@@ -464,31 +376,24 @@ def _special_names(config: dict) -> tuple[str, ...]:
 
 
 def _settings_from_config(config: dict) -> _Settings:
-    return _Settings(
-        do_lower_case=bool(config.get("do_lower_case", True)),
-        strip_accents=config.get("strip_accents"),
-        tokenize_chinese_chars=bool(config.get("tokenize_chinese_chars", True)),
-        special=_special_names(config),
-    )
+    return _Settings(do_lower_case=bool(config.get("do_lower_case", True)),
+                     strip_accents=config.get("strip_accents"),
+                     tokenize_chinese_chars=bool(config.get("tokenize_chinese_chars", True)),
+                     special=_special_names(config))
 
 
 def _from_tokenizer_json(path: Path, config: dict) -> tuple[list[str], _Settings]:
     data = _read_json(path)
     model, norm = data.get("model") or {}, data.get("normalizer") or {}
     if model.get("type") != "WordPiece" or norm.get("type") != "BertNormalizer":
-        raise BertforgeError(
-            f"tokenizer file '{path}' is not a BERT WordPiece tokenizer (model "
-            f"{model.get('type')}, normalizer {norm.get('type')}): pass a BERT tokenizer"
-        )
+        raise BertforgeError(f"tokenizer file '{path}' is not a BERT WordPiece tokenizer (model "
+                             f"{model.get('type')}, normalizer {norm.get('type')}): pass a BERT tokenizer")
     index = model.get("vocab") or {}
     tokens = sorted(index, key=index.get)
     if [index[t] for t in tokens] != list(range(len(tokens))):
         raise BertforgeError(f"tokenizer file '{path}' has non-contiguous vocabulary ids: re-create it")
-    settings = _Settings(
-        do_lower_case=bool(norm.get("lowercase", True)),
-        strip_accents=norm.get("strip_accents"),
-        tokenize_chinese_chars=bool(norm.get("handle_chinese_chars", True)),
-        clean_text=bool(norm.get("clean_text", True)),
-        special=_special_names(config),
-    )
+    settings = _Settings(do_lower_case=bool(norm.get("lowercase", True)),
+                         strip_accents=norm.get("strip_accents"),
+                         tokenize_chinese_chars=bool(norm.get("handle_chinese_chars", True)),
+                         clean_text=bool(norm.get("clean_text", True)), special=_special_names(config))
     return tokens, settings
