@@ -1,0 +1,437 @@
+"""Knowledge distillation: a frozen teacher (ours or Hugging Face, via `load_model`) into a smaller
+student, for sequence-classification tasks (GLUE-format files) and for masked-LM pretraining (shards
+written by `bertforge prepare`). `main(DistillRunConfig) -> metrics`.
+
+The loss of a batch (Hinton et al., 2015; DistilBERT; TinyBERT for the hidden-state term):
+
+    loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+         + (1 - alpha) * hard loss (the student head's own loss on the gold labels)
+         + hidden_weight * mean over mapped layers of MSE or (1 - cosine) of hidden states
+
+The T^2 keeps the soft term's gradients the same size as T changes. For MLM the KL is taken at
+the masked positions only (the heads' sparse logits, the same positions for both models). For
+regression (STS-B) there is no distribution to soften: the soft term is MSE(student, teacher).
+Hidden states are compared at non-padding tokens; student layer i (1..Ls) is matched with teacher
+layer round(i * Lt / Ls), embeddings with embeddings, through a learned linear projection when the
+widths differ.
+
+The student is a preset or, by default, the teacher's shape with half its layers, and can start from
+the teacher (`init_student_from_teacher`: embeddings, evenly spaced layers, heads where shapes
+match). The teacher is never trained and stays in eval mode (no dropout); it is not part of the
+trainable module, so checkpoints hold the student only. `main` reports the student's and the
+teacher's score on the dev set, the score kept (%) and the speed-up (student vs teacher inference
+examples/s on the same dev batches).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bertforge.config import config_to_dict
+from bertforge.data.masking import IGNORE_INDEX, MaskingConfig
+from bertforge.errors import require
+from bertforge.model.bert import BertConfig
+from bertforge.train.loop import TrainConfig, Trainer, seed_everything
+from bertforge.train.optim import OptimConfig, build_optimizer, build_schedule
+
+MODES = ("task", "mlm")
+HIDDEN_LOSSES = ("mse", "cosine")
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over rows (N, C)."""
+    T = temperature
+    log_s = F.log_softmax(student_logits.float() / T, dim=-1)
+    log_t = F.log_softmax(teacher_logits.float() / T, dim=-1)
+    return T * T * F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
+
+
+def hidden_pairs(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+    """(student, teacher) indices into `hidden_states` (0 = embeddings): i <-> round(i * Lt / Ls)."""
+    return [(0, 0)] + [(i, round(i * teacher_layers / student_layers)) for i in range(1, student_layers + 1)]
+
+
+def default_teacher_layers(teacher_layers: int, student_layers: int) -> list[int]:
+    """Evenly spaced teacher layers to copy, starting at 0: 6 -> 3 gives [0, 2, 4] (every other)."""
+    require(0 < student_layers <= teacher_layers, f"student has {student_layers} layers, teacher "
+            f"{teacher_layers}: a student needs between 1 and the teacher's number of layers")
+    return [round(i * teacher_layers / student_layers) for i in range(student_layers)]
+
+
+def _encoder(model: nn.Module) -> nn.Module:
+    return model.bert if hasattr(model, "bert") else model
+
+
+def init_student_from_teacher(student: nn.Module, teacher: nn.Module, layers: list[int] | None = None) -> list[int]:
+    """Copy the teacher's embeddings, its layers `layers` (default evenly spaced), final norm and pooler into
+    the student, and head weights where names and shapes match. Widths must match. Returns `layers`."""
+    s_cfg, t_cfg = _encoder(student).config, _encoder(teacher).config
+    width = ("hidden_size", "num_attention_heads", "intermediate_size", "ffn", "norm_position", "bias", "vocab_size")
+    diff = [f"{k} {getattr(s_cfg, k)} != {getattr(t_cfg, k)}" for k in width if getattr(s_cfg, k) != getattr(t_cfg, k)]
+    require(not diff, f"cannot initialise the student from the teacher ({'; '.join(diff)}): use the teacher's "
+            "width (student.preset unset) or set student.init_from_teacher=false")
+    layers = default_teacher_layers(t_cfg.num_hidden_layers, s_cfg.num_hidden_layers) if layers is None else layers
+    require(len(layers) == s_cfg.num_hidden_layers and all(0 <= i < t_cfg.num_hidden_layers for i in layers),
+            f"student.teacher_layers {layers}: give {s_cfg.num_hidden_layers} teacher layer indices in "
+            f"[0, {t_cfg.num_hidden_layers - 1}]")
+    t_state = _encoder(teacher).state_dict()
+    new = {}
+    for key, value in _encoder(student).state_dict().items():
+        m = re.match(r"layers\.(\d+)\.(.*)", key)
+        src = f"layers.{layers[int(m[1])]}.{m[2]}" if m else key
+        if src in t_state and t_state[src].shape == value.shape:
+            new[key] = t_state[src]
+    missing = [k for k in _encoder(student).state_dict() if k not in new and not k.startswith("pooler.")]
+    require(not missing, f"teacher lacks student weights {missing[:4]}: set student.init_from_teacher=false")
+    _encoder(student).load_state_dict(new, strict=False)
+    if student is not _encoder(student) and teacher is not _encoder(teacher):  # heads: same names and shapes
+        heads = {k: v for k, v in teacher.state_dict().items() if not k.startswith("bert.")}
+        mine = student.state_dict()
+        student.load_state_dict({k: v for k, v in heads.items() if k in mine and mine[k].shape == v.shape},
+                                strict=False)
+    return list(layers)
+
+
+@dataclass
+class DistillLossConfig:
+    temperature: float = 2.0
+    alpha: float = 0.5  # weight of the soft (teacher) term; 1 - alpha on the hard labels
+    hidden_weight: float = 0.0  # weight of the hidden-state term; 0 = off
+    hidden_loss: str = "mse"  # mse | cosine
+
+    def __post_init__(self) -> None:
+        require(self.temperature > 0, f"loss.temperature={self.temperature} must be positive: pass e.g. 2")
+        require(0.0 <= self.alpha <= 1.0, f"loss.alpha={self.alpha} is out of range: pass a value in [0, 1]")
+        require(self.hidden_weight >= 0, f"loss.hidden_weight={self.hidden_weight} is negative: pass >= 0")
+        require(self.hidden_loss in HIDDEN_LOSSES, f"loss.hidden_loss '{self.hidden_loss}': use mse or cosine")
+
+
+@dataclass
+class DistillOutput:
+    loss: torch.Tensor
+    soft_loss: torch.Tensor
+    hard_loss: torch.Tensor | None
+    hidden_loss: torch.Tensor | None
+    logits: torch.Tensor  # student's: (B, C), (B, 1) for regression, (M, V) for MLM
+    teacher_logits: torch.Tensor
+
+
+class DistillationModel(nn.Module):
+    """Student (trained) + frozen teacher (not a submodule: not saved, not trained, kept in eval mode)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillLossConfig, regression: bool = False):
+        super().__init__()
+        self.student, self.cfg, self.regression = student, cfg, regression
+        self._teacher = (teacher.eval().requires_grad_(False),)
+        s, t = _encoder(student).config, _encoder(teacher).config
+        self.pairs = hidden_pairs(s.num_hidden_layers, t.num_hidden_layers) if cfg.hidden_weight > 0 else []
+        wide = cfg.hidden_weight > 0 and s.hidden_size != t.hidden_size
+        self.proj = nn.Linear(s.hidden_size, t.hidden_size) if wide else None
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher[0]
+
+    def hidden_loss(self, hs: tuple, ht: tuple, mask: torch.Tensor | None) -> torch.Tensor:
+        keep = (mask.bool() if mask is not None else torch.ones(hs[0].shape[:2], dtype=torch.bool,
+                                                                  device=hs[0].device))  # (B, T)
+        total = hs[0].new_zeros((), dtype=torch.float32)
+        for i, j in self.pairs:
+            a, b = hs[i][keep].float(), ht[j][keep].float()  # (N, Hs), (N, Ht)
+            a = self.proj(a) if self.proj is not None else a
+            part = F.mse_loss(a, b) if self.cfg.hidden_loss == "mse" else (1 - F.cosine_similarity(a, b)).mean()
+            total = total + part
+        return total / len(self.pairs)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> DistillOutput:
+        teacher, hidden = self.teacher, bool(self.pairs)
+        if next(teacher.parameters()).device != input_ids.device:
+            teacher.to(input_ids.device)
+        with torch.no_grad():
+            t_out = teacher(input_ids, attention_mask, token_type_ids, labels=labels, output_hidden_states=hidden)
+        s_out = self.student(input_ids, attention_mask, token_type_ids, labels=labels, output_hidden_states=hidden)
+        if self.regression:
+            soft = F.mse_loss(s_out.logits.float(), t_out.logits.float())
+        else:
+            soft = kd_loss(s_out.logits, t_out.logits, self.cfg.temperature)
+        a = self.cfg.alpha
+        loss = a * soft if s_out.loss is None else a * soft + (1 - a) * s_out.loss
+        h_loss = None
+        if hidden:
+            h_loss = self.hidden_loss(s_out.hidden_states, t_out.hidden_states, attention_mask)
+            loss = loss + self.cfg.hidden_weight * h_loss
+        return DistillOutput(loss, soft, s_out.loss, h_loss, s_out.logits, t_out.logits)
+
+
+# ------------------------------------------------------------------------------------------- data
+
+class ExampleBatches:
+    """Stateful shuffled batches of tokenized (ids, token types, label) rows, padded per batch."""
+
+    def __init__(self, ids: list[list[int]], types: list[list[int]], labels: list, batch_size: int, seed: int,
+                 pad_id: int):
+        require(len(ids) > 0, "the training data gave no examples: pass a non-empty file")
+        self.ids, self.types, self.labels, self.B, self.seed, self.pad_id = ids, types, labels, batch_size, seed, pad_id
+        self.epoch, self.position = 0, 0
+        self.per_epoch = math.ceil(len(ids) / batch_size)
+
+    def collate(self, rows) -> dict[str, torch.Tensor]:
+        T = max(len(self.ids[i]) for i in rows)
+        ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)  # (B, T)
+        types = torch.zeros((len(rows), T), dtype=torch.long)
+        for b, i in enumerate(rows):
+            ids[b, :len(self.ids[i])] = torch.tensor(self.ids[i])
+            types[b, :len(self.types[i])] = torch.tensor(self.types[i])
+        return {"input_ids": ids, "attention_mask": (ids != self.pad_id).long(), "token_type_ids": types,
+                "labels": torch.tensor([self.labels[i] for i in rows])}
+
+    def in_order(self) -> list[dict[str, torch.Tensor]]:
+        return [self.collate(range(i, min(i + self.B, len(self.ids)))) for i in range(0, len(self.ids), self.B)]
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if self.position >= self.per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.ids))
+        self.position += 1
+        return self.collate(order[(self.position - 1) * self.B:self.position * self.B].tolist())
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
+def featurize(tokenizer, examples, max_len: int) -> tuple[list[list[int]], list[list[int]], list, int]:
+    """(ids, token types, labels, how many were cut to max_len) of GLUE `Example`s (longest-first cut)."""
+    a = [e.text_a for e in examples]
+    b = [e.text_b for e in examples] if examples[0].text_b is not None else None
+    full = tokenizer.encode_batch(a, b, max_length=10**9, truncation=False)
+    cut = sum(len(e.input_ids) > max_len for e in full)
+    enc = tokenizer.encode_batch(a, b, max_length=max_len, truncation="longest_first") if cut else full
+    return [e.input_ids for e in enc], [e.token_type_ids for e in enc], [e.label for e in examples], cut
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate_distill(model: DistillationModel, batches: list[dict], task: str | None) -> dict:
+    """Distillation loss, KL to the teacher (T = 1; MSE for regression) and both models' scores."""
+    from bertforge.eval.metrics import compute_task_metrics
+
+    device = next(model.student.parameters()).device
+    loss = dist = 0.0
+    rows, s_pred, t_pred, gold = 0, [], [], []
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(**batch)
+        labels = batch["labels"]
+        labels = labels[labels != IGNORE_INDEX] if task is None else labels  # MLM: masked positions
+        n = len(out.logits)
+        loss += float(out.loss) * n
+        dist += float(F.mse_loss(out.logits.float(), out.teacher_logits.float()) if model.regression
+                      else kd_loss(out.logits, out.teacher_logits)) * n
+        pick = (lambda x: x.squeeze(-1)) if model.regression else (lambda x: x.argmax(-1))
+        s_pred.append(pick(out.logits).cpu())
+        t_pred.append(pick(out.teacher_logits).cpu())
+        gold.append(labels.cpu())
+        rows += n
+    s_pred, t_pred, gold = torch.cat(s_pred).tolist(), torch.cat(t_pred).tolist(), torch.cat(gold).tolist()
+    name = "eval_teacher_mse" if model.regression else "eval_kl"
+    metrics = {"eval_loss": loss / max(rows, 1), name: dist / max(rows, 1)}
+    score = (lambda p: compute_task_metrics(task, p, gold)) if task else (
+        lambda p: {"accuracy": float(np.mean(np.asarray(p) == np.asarray(gold)))})
+    metrics.update({f"eval_{k}": v for k, v in score(s_pred).items()})
+    metrics.update({f"teacher_{k}": v for k, v in score(t_pred).items()})
+    return metrics
+
+
+@torch.inference_mode()
+def throughput(model: nn.Module, batches: list[dict], device: torch.device) -> float:
+    """Inference examples per second over `batches` (no labels), after one warm-up batch."""
+    model.eval().to(device)
+    inputs = [{k: v.to(device) for k, v in b.items() if k != "labels"} for b in batches]
+    model(**inputs[0])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for b in inputs:
+        model(**b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return sum(len(b["input_ids"]) for b in inputs) / (time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------------------- run
+
+@dataclass
+class StudentConfig:
+    preset: str | None = None  # None: the teacher's shape
+    num_hidden_layers: int | None = None  # None: half the teacher's (or the preset's own)
+    overrides: dict = field(default_factory=dict)  # any BertConfig field
+    init_from_teacher: bool = True  # embeddings + evenly spaced teacher layers (needs the teacher's width)
+    teacher_layers: list[int] | None = None  # which teacher layers to copy; default evenly spaced from 0
+
+
+@dataclass
+class DistillDataConfig:
+    mode: str = "task"  # task (GLUE-format files) | mlm (a folder written by `bertforge prepare`)
+    task: str = "sst2"  # task mode: a GLUE/SNLI/SICK task name
+    path: str = ""  # task: train file or task folder; mlm: prepared shard folder
+    dev: str | None = None  # task: dev file (default: the dev split of the `path` folder)
+    max_seq_length: int = 128
+    limit: int | None = None  # first N training examples
+    eval_limit: int | None = None
+    epochs: float = 1.0  # used when train.max_steps, max_tokens and time_budget are all unset
+    eval_batch_size: int = 64
+    eval_batches: int = 20  # mlm: validation batches (fixed masks)
+    speed_batches: int = 10  # dev batches timed for the speed-up
+
+
+@dataclass
+class DistillRunConfig:
+    teacher: str = ""  # model folder: ours or Hugging Face (a fine-tuned classifier, or an MLM model)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: DistillLossConfig = field(default_factory=DistillLossConfig)
+    data: DistillDataConfig = field(default_factory=DistillDataConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_ratio=0.1))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/distill"))
+
+
+def student_config(cfg: StudentConfig, teacher: BertConfig) -> BertConfig:
+    fields = {"vocab_size": teacher.vocab_size, **cfg.overrides}
+    if cfg.num_hidden_layers is not None:
+        fields["num_hidden_layers"] = cfg.num_hidden_layers
+    if cfg.preset is not None:
+        return BertConfig.from_preset(cfg.preset, **fields)
+    fields.setdefault("num_hidden_layers", max(1, teacher.num_hidden_layers // 2))
+    return BertConfig.from_dict({**teacher.to_dict(), **fields})
+
+
+def load_teacher(cfg: DistillRunConfig):
+    """The teacher LoadedModel with a trained head for the mode (classifier for task, MLM head for mlm)."""
+    from bertforge.data.glue import get_task
+    from bertforge.model.loading import load_model
+
+    require(bool(cfg.teacher), "teacher is empty: pass a model folder (ours or Hugging Face)")
+    require(cfg.data.mode in MODES, f"data.mode '{cfg.data.mode}' is unknown: use task or mlm")
+    if cfg.data.mode == "mlm":
+        loaded = load_model(cfg.teacher, "masked_lm")
+        hint = "a model with an MLM head (ours pretrained, or an HF BertForMaskedLM)"
+    else:
+        spec = get_task(cfg.data.task)
+        loaded = load_model(cfg.teacher, "sequence_classification", num_labels=spec.num_labels)
+        hint = f"one fine-tuned on {spec.name} first (bertforge finetune --task {spec.name})"
+    require(not loaded.initialized, f"teacher '{cfg.teacher}' has no trained weights for "
+            f"{', '.join(loaded.initialized[:3])}: pass {hint}")
+    require(loaded.tokenizer is not None, f"teacher '{cfg.teacher}' has no tokenizer files: save them with it")
+    return loaded
+
+
+def _task_data(cfg: DistillRunConfig, tokenizer, max_len: int):
+    from bertforge.data.glue import get_task, load_task_data
+
+    d, spec = cfg.data, get_task(cfg.data.task)
+    require(d.dev is not None or Path(d.path).is_dir(), f"data.path '{d.path}' is a file: pass data.dev too")
+    train = load_task_data(spec, d.path, "train")[:d.limit]
+    dev = load_task_data(spec, d.dev or d.path, "dev")[:d.eval_limit]
+    *tr, cut_train = featurize(tokenizer, train, max_len)
+    *dv, cut_dev = featurize(tokenizer, dev, max_len)
+    pad = tokenizer.pad_token_id
+    batches = ExampleBatches(*tr, cfg.train.batch_size, cfg.train.seed, pad)
+    eval_batches = ExampleBatches(*dv, d.eval_batch_size, 0, pad).in_order()
+    return batches, batches.per_epoch, eval_batches, {"truncated_examples": cut_train + cut_dev}
+
+
+def _mlm_data(cfg: DistillRunConfig, tokenizer):
+    from bertforge.data.dataset import PackedDataset
+    from bertforge.data.masking import MLMCollator
+    from bertforge.train.pretrain import PretrainBatches
+
+    root, fingerprint = Path(cfg.data.path), tokenizer.fingerprint()
+    rows = PackedDataset(root, "train", fingerprint=fingerprint)
+    require(rows.mode == "packed", f"'{root}' holds NSP pairs: prepare packed rows (--mode packed) for MLM distillation")
+    require(any(s["split"] == "val" for s in rows.manifest["shards"]),
+            f"'{root}' has no val split: prepare it with --val-fraction above 0")
+    batches = PretrainBatches(rows, MLMCollator.from_tokenizer(tokenizer, cfg.masking, seed=cfg.train.seed),
+                              cfg.train.batch_size, cfg.train.seed)
+    val, collator = PackedDataset(root, "val", fingerprint=fingerprint), MLMCollator.from_tokenizer(
+        tokenizer, cfg.masking, seed=0)
+    eval_batches, B = [], cfg.data.eval_batch_size
+    for b in range(min(cfg.data.eval_batches, math.ceil(len(val) / B))):
+        collator.generator.manual_seed(12345 + b)  # fixed masks: every evaluation sees the same targets
+        eval_batches.append(collator(val.batch(np.arange(b * B, min((b + 1) * B, len(val))))))
+    return batches, len(batches.loader), eval_batches, {}
+
+
+def main(cfg: DistillRunConfig) -> dict:
+    """Distil as configured; returns (and writes to metrics.json) student and teacher scores, score kept, speed-up."""
+    from bertforge.data.glue import get_task
+    from bertforge.model.heads import BertForMaskedLM, BertForSequenceClassification
+    from bertforge.model.loading import save_model
+    from bertforge.train.checkpoint import atomic_write_text
+
+    seed_everything(cfg.train.seed)
+    loaded = load_teacher(cfg)
+    teacher, tokenizer, task_mode = loaded.model, loaded.tokenizer, cfg.data.mode == "task"
+    s_config = student_config(cfg.student, loaded.config)
+    spec = get_task(cfg.data.task) if task_mode else None
+    student = BertForSequenceClassification(s_config, spec.num_labels) if task_mode else BertForMaskedLM(s_config)
+    layers = init_student_from_teacher(student, teacher, cfg.student.teacher_layers) \
+        if cfg.student.init_from_teacher else None
+    max_len = min(cfg.data.max_seq_length, s_config.max_position_embeddings, loaded.config.max_position_embeddings)
+    batches, per_epoch, eval_batches, extra = _task_data(cfg, tokenizer, max_len) if task_mode else _mlm_data(cfg, tokenizer)
+    t = cfg.train
+    if t.max_steps is None and t.max_tokens is None and t.time_budget is None:
+        t.max_steps = max(1, math.ceil(cfg.data.epochs * per_epoch / t.grad_accum))
+    model = DistillationModel(student, teacher, cfg.loss, regression=bool(spec and spec.is_regression))
+    device_type = "cuda" if torch.cuda.is_available() and t.device != "cpu" else "cpu"
+    optimizer = build_optimizer(model, cfg.optim, device_type)
+    from bertforge.config import parse_duration
+
+    scheduler = build_schedule(optimizer, cfg.optim, t.max_steps, budget_seconds=parse_duration(t.time_budget))
+    task_name = spec.name if spec else None
+    meta = {"task": task_name, "teacher": str(cfg.teacher), "teacher_layers": layers}
+    if spec and spec.labels:
+        meta["id2label"] = dict(enumerate(spec.labels))
+
+    def write_model(m: nn.Module, directory: Path) -> None:
+        save_model(m.student, directory / "model", tokenizer=tokenizer, meta=meta)
+
+    run_config = config_to_dict(cfg)
+    trainer = Trainer(model, optimizer, scheduler, batches, t, evaluate=lambda m: evaluate_distill(m, eval_batches,
+                      task_name), save_model=write_model, run_config=run_config,
+                      clip_grad_norm=cfg.optim.clip_grad_norm or None)
+    out = Path(t.output_dir)
+    atomic_write_text(out / "config.json", json.dumps(run_config, indent=2) + "\n")
+    model.eval()
+    initial = {f"initial_{k}": v for k, v in evaluate_distill(model, eval_batches, task_name).items()
+               if not k.startswith("teacher_")}
+    resumed = trainer.maybe_resume()
+    metrics = trainer.fit()
+    primary = spec.metrics[0] if spec else "accuracy"
+    if f"eval_{primary}" not in metrics:  # stopped early (diverged): score the last weights anyway
+        metrics.update(evaluate_distill(model.eval(), eval_batches, task_name))
+    save_model(student, out / "model", tokenizer=tokenizer, meta=meta)
+    metrics.update({} if resumed else initial)
+    timed = eval_batches[:cfg.data.speed_batches]
+    s_speed, t_speed = throughput(student, timed, trainer.device), throughput(teacher, timed, trainer.device)
+    metrics.update(extra, student_layers=s_config.num_hidden_layers, teacher_layers=loaded.config.num_hidden_layers,
+                   student_parameters=sum(p.numel() for p in student.parameters()),
+                   teacher_parameters=sum(p.numel() for p in teacher.parameters()),
+                   student_examples_per_s=s_speed, teacher_examples_per_s=t_speed, speed_up=s_speed / t_speed,
+                   score_kept=100 * metrics[f"eval_{primary}"] / metrics[f"teacher_{primary}"]
+                   if metrics[f"teacher_{primary}"] else float("nan"))
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
