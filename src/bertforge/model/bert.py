@@ -71,6 +71,7 @@ class BertConfig:
             if not ok:
                 raise BertforgeError(f"invalid model config: {msg}")
 
+        check(self.num_attention_heads > 0, f"num_attention_heads must be positive, got {self.num_attention_heads}")
         check(self.hidden_size % self.num_attention_heads == 0,
               f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
               f"{self.num_attention_heads}: pick a head count that divides it")
@@ -83,6 +84,10 @@ class BertConfig:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
                      "max_position_embeddings", "type_vocab_size"):
             check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+            p = getattr(self, name)
+            check(p is None or 0.0 <= p < 1.0, f"{name} {p} must be in [0, 1)")
+        check(self.layer_norm_eps > 0, f"layer_norm_eps must be positive, got {self.layer_norm_eps}")
         check(0 <= self.pad_token_id < self.vocab_size,
               f"pad_token_id {self.pad_token_id} outside the vocabulary of {self.vocab_size}")
 
@@ -111,6 +116,9 @@ class BertConfig:
     def from_preset(cls, name: str, **overrides) -> BertConfig:
         if name not in PRESETS:
             raise BertforgeError(f"unknown model preset '{name}': use one of {', '.join(PRESETS)}")
+        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+        if unknown:
+            raise BertforgeError(f"unknown model config keys {unknown}: use BertConfig fields such as hidden_size")
         return replace(PRESETS[name], **overrides)
 
 
@@ -195,8 +203,11 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     """The reference: softmax(q k^T / sqrt(hs) + mask) v, with q, k, v (B, nh, T, hs)."""
     att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, nh, T, T)
     if mask is not None:
-        att = att.masked_fill(~mask, float("-inf"))
-    att = F.dropout(att.softmax(dim=-1), p=dropout_p)
+        att = att.masked_fill(~mask, torch.finfo(att.dtype).min)
+    att = att.softmax(dim=-1)
+    if mask is not None:
+        att = att.masked_fill(~mask, 0.0)  # a fully masked row attends to nothing (0), as SDPA does
+    att = F.dropout(att, p=dropout_p)
     return att @ v  # (B, nh, T, hs)
 
 

@@ -137,7 +137,7 @@ class BertForSequenceClassification(nn.Module):
         loss = None
         if labels is not None:
             if self.num_labels == 1:
-                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+                loss = F.mse_loss(logits.view(-1).float(), labels.float().view(-1))
             else:
                 loss = F.cross_entropy(logits.float(), labels)
         return ClassifierOutput(loss, logits, out.hidden_states)
