@@ -212,14 +212,14 @@ def test_hub_records_through_a_stand_in_datasets_module(monkeypatch):
 
 
 def test_python_docs_corpus_is_deterministic_english(tmp_path):
-    docs = list(python_docs_corpus(max_bytes=300_000))
+    docs = list(python_docs_corpus(max_bytes=120_000))
     total = sum(len(d.encode()) + 1 for d in docs)
-    assert 280_000 <= total <= 300_000
-    assert docs == list(python_docs_corpus(max_bytes=300_000))
+    assert 110_000 <= total <= 120_000
+    assert docs == list(python_docs_corpus(max_bytes=120_000))
     assert all(d and "\n\n" not in d for d in docs)
     words = " ".join(docs).lower().split()
     assert words.count("the") > 0.02 * len(words)  # English prose, not code
-    path = write_python_docs_corpus(tmp_path / "sub" / "docs.txt", max_bytes=300_000)
+    path = write_python_docs_corpus(tmp_path / "sub" / "docs.txt", max_bytes=120_000)
     assert list(iter_documents(path, boundary="blank")) == docs
 
 
