@@ -1,0 +1,136 @@
+"""`bertforge finetune`, `bertforge evaluate`, `bertforge predict`: argument tables and runners.
+
+The CLI owner adds three rows to `cli.COMMANDS`:
+
+    "finetune": Command(FINETUNE_HELP, add_finetune_arguments, run_finetune, FINETUNE_EXAMPLES),
+    "evaluate": Command(EVALUATE_HELP, add_evaluate_arguments, run_evaluate, EVALUATE_EXAMPLES),
+    "predict": Command(PREDICT_HELP, add_predict_arguments, run_predict, PREDICT_EXAMPLES),
+
+The work lives in `bertforge.train.finetune` (training) and `bertforge.train.evaluate` (evaluate,
+predict). Settings layer as: defaults <- `--protocol` <- `--config FILE` <- the flags below <- dotted
+`KEY=VALUE` overrides (any field of `FinetuneRunConfig`, e.g. `optim.weight_decay=0` or
+`data.max_train_examples=1000`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+FINETUNE_HELP = "fine-tune a model on a GLUE / NLI, SQuAD or multiple-choice task"
+FINETUNE_EXAMPLES = """\
+  bertforge finetune --task rte --model path/to/all-MiniLM-L6-v2 --data glue/RTE --output runs/rte
+  bertforge finetune --task sst2 --model runs/pretrain/model --data hub:glue/sst2 --protocol glue-sane --seeds 5
+  bertforge finetune --task squad --model MODEL --data squad/ --output runs/squad --batch-size 16
+  bertforge finetune --task winogrande --model MODEL --data winogrande/ data.dev_from_train=1000 --epochs 2"""
+EVALUATE_HELP = "score a fine-tuned model on labelled data with the task's official metrics"
+EVALUATE_EXAMPLES = """\
+  bertforge evaluate --model runs/rte/model --data glue/RTE
+  bertforge evaluate --model runs/mnli/model --data glue/MNLI --output eval/mnli
+  bertforge evaluate --model runs/squad/model --data squad/dev-v1.1.json"""
+PREDICT_HELP = "write a fine-tuned model's predictions for a file (labelled or not)"
+PREDICT_EXAMPLES = """\
+  bertforge predict --model runs/rte/model --data glue/RTE/test.tsv --output preds/rte
+  bertforge predict --model runs/squad/model --data squad/dev-v1.1.json --output preds/squad"""
+
+
+def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", help="cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli, snli, sick, "
+                                  "sick_relatedness, squad, swag, arc_easy, arc_challenge, winogrande")
+    p.add_argument("--model", metavar="DIR", help="our model directory, or a Hugging Face / sentence-transformers "
+                                                  "BERT directory")
+    p.add_argument("--data", metavar="PATH", help="folder with the task's canonical files (train + dev), or "
+                                                  "hub:NAME (online; e.g. hub:glue/sst2, hub:rajpurkar/squad)")
+    p.add_argument("--output", "-o", metavar="DIR", help="run directory (default: runs/finetune)")
+    p.add_argument("--epochs", type=float, metavar="N", help="training epochs (default: 3; glue-sane: 5)")
+    p.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (default: 2e-5)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="examples per batch (default: 32)")
+    p.add_argument("--max-seq-length", type=int, metavar="T", help="tokens per input (default: 128, SQuAD 384)")
+    p.add_argument("--seeds", type=int, metavar="N", help="run N seeds into seed_<s>/ and report the median")
+    p.add_argument("--seed", type=int, metavar="S", help="first seed (default: 0)")
+    p.add_argument("--protocol", choices=("glue-sane",), help="one global setting: <= 5 epochs, batch 16, lr 4e-5 "
+                                                               "cosine, last checkpoint, median of 5 seeds")
+    p.add_argument("--config", metavar="FILE", help="YAML / TOML / JSON file with FinetuneRunConfig sections")
+    p.add_argument("--no-truncate", action="store_true", help="fail on inputs longer than --max-seq-length "
+                                                              "instead of truncating them (and reporting how many)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. "
+                                                                       "optim.weight_decay=0 data.max_train_examples=500")
+
+
+def finetune_config_from_args(args: argparse.Namespace):
+    from bertforge.train.finetune import load_finetune_config
+
+    flags = {"task": args.task, "model": args.model, "data.path": args.data, "train.output_dir": args.output,
+             "epochs": args.epochs, "optim.lr": args.lr, "train.batch_size": args.batch_size,
+             "data.max_seq_length": args.max_seq_length, "seeds": args.seeds, "train.seed": args.seed,
+             "data.truncate": False if args.no_truncate else None, "train.resume": True if args.resume else None,
+             "train.progress": False if args.no_progress else None}
+    return load_finetune_config(args.config, args.overrides, protocol=args.protocol, flags=flags)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from bertforge.train.finetune import main
+
+    cfg = finetune_config_from_args(args)
+    result = main(cfg)
+    if not result:
+        return 0  # not the main process
+    metrics = {k: v for k, v in result.items() if k not in ("task", "model", "seed", "seeds", "spread", "runs")}
+    where = "metrics.json, predictions and model/"
+    if "seeds" in result:
+        where = f"seeds.json (median over seeds {', '.join(map(str, result['seeds']))})"
+    print(f"{result['task']}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    print(f"wrote {where} to {cfg.train.output_dir}")
+    return 0
+
+
+def _add_eval_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="a model directory written by `bertforge finetune`")
+    p.add_argument("--data", required=True, metavar="PATH", help="a task file, a folder with canonical file names, "
+                                                                 "or hub:NAME")
+    p.add_argument("--task", help="the task (default: the one the model was fine-tuned on)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="examples per inference batch (default: 64)")
+    p.add_argument("--max-seq-length", type=int, metavar="T", help="tokens per input (default: the fine-tuning "
+                                                                   "setting)")
+    p.add_argument("--no-truncate", action="store_true", help="fail on inputs longer than --max-seq-length")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    return {"eval_batch_size": args.batch_size, "max_seq_length": args.max_seq_length,
+            "truncate": False if args.no_truncate else None}
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    _add_eval_common(p)
+    p.add_argument("--split", help="split of a folder or hub dataset (default: dev; MNLI: matched and mismatched)")
+    p.add_argument("--output", "-o", metavar="DIR", help="also write predictions and metrics.json there")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from bertforge.train.evaluate import evaluate
+
+    result = evaluate(args.model, args.data, split=args.split, task=args.task, output_dir=args.output,
+                      device=args.device, **_settings(args))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def add_predict_arguments(p: argparse.ArgumentParser) -> None:
+    _add_eval_common(p)
+    p.add_argument("--split", default="test", help="split of a folder or hub dataset (default: %(default)s)")
+    p.add_argument("--output", "-o", required=True, metavar="DIR", help="folder for the predictions file")
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from bertforge.train.evaluate import predict
+
+    result = predict(args.model, args.data, args.output, split=args.split, task=args.task, device=args.device,
+                     **_settings(args))
+    print(f"{result['task']}: wrote {result['examples']:,} predictions to {', '.join(result['predictions'])}")
+    scores = {k: v for k, v in result.items() if isinstance(v, float)}
+    if scores:
+        print("labelled data: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    return 0
