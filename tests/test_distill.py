@@ -216,3 +216,28 @@ def test_mlm_distillation_on_prepared_shards(sst2_tokenizer, tmp_path):
     from bertforge.model.loading import load_model
 
     assert load_model(tmp_path / "run" / "model").head == "masked_lm"
+
+
+def test_cli_distill_runs_and_reports(shared_data, sst2_tokenizer, tmp_path, capsys):
+    import argparse
+
+    from bertforge.model.loading import save_model
+    from bertforge.train.sentence_cli import add_distill_arguments, run_distill
+
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(tiny(vocab_size=pad_vocab_size(sst2_tokenizer.vocab_size)), num_labels=2)
+    save_model(teacher, tmp_path / "teacher", tokenizer=sst2_tokenizer)
+    parser = argparse.ArgumentParser()
+    add_distill_arguments(parser)
+    args = parser.parse_args(["--teacher", str(tmp_path / "teacher"), "--data", str(shared_data / "sst2"),
+                              "--task", "sst2", "--student-layers", "1", "--output", str(tmp_path / "run"),
+                              "--max-steps", "2", "--batch-size", "8", "--max-seq-length", "32", "--no-progress",
+                              "data.limit=32", "data.eval_limit=32", "student.teacher_layers=[1]"])
+    assert run_distill(args) == 0
+    out = capsys.readouterr().out
+    assert "score_kept" in out and "speed_up" in out and "teacher_accuracy" in out
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["student"]["teacher_layers"] == [1] and saved["student"]["num_hidden_layers"] == 1
+    from bertforge.model.loading import load_model
+
+    assert load_model(tmp_path / "run" / "model").meta["teacher_layers"] == [1]
