@@ -121,11 +121,11 @@ def test_resume_after_interruption_is_exact(corpus, minilm, tmp_path, monkeypatc
     prepare(make_cfg(corpus, minilm, tmp_path / "ref", mode=mode, shard_size=100))
     flush, calls = shards._ShardWriter._flush, []
 
-    def crash_after_three(self, split, n):
+    def crash_after_three(self, split):
         if len(calls) == 3:
             raise KeyboardInterrupt
         calls.append(split)
-        flush(self, split, n)
+        flush(self, split)
 
     monkeypatch.setattr(shards._ShardWriter, "_flush", crash_after_three)
     cfg = make_cfg(corpus, minilm, tmp_path / "run", mode=mode, shard_size=100)

@@ -30,7 +30,7 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=0.01, metavar="F",
                    help="share of documents held out for validation (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="split and NSP seed (default: %(default)s)")
-    p.add_argument("--shard-size", type=int, default=65536, metavar="ROWS",
+    p.add_argument("--shard-size", type=int, default=16384, metavar="ROWS",
                    help="rows per shard file (default: %(default)s)")
     p.add_argument("--num-workers", type=int, default=2, metavar="N",
                    help="tokenizer processes, 0 = in this process (default: %(default)s)")

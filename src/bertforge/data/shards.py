@@ -30,7 +30,8 @@ Rows (`seq_len` = T):
 Files: `train_00000.bin`, ..., `val_00000.bin`, ... hold rows as raw C-order `uint16` (vocab <=
 65535) or `uint32`, shape (rows, T); shards have `shard_size` rows except the last of each split.
 Each file is written to `*.tmp` and renamed. `manifest.json` records the tokenizer fingerprint, the
-settings that shape the output, the finished shards and the counts.
+settings that shape the output, the finished shards and the counts; `tokenizer/` holds a copy of the
+tokenizer (`WordPieceTokenizer.save`).
 
 Resume: after a batch in which a shard was finished, the state needed to continue (next document
 index, per-split carry tokens, rows buffered for the next shards, NSP windows, counters) is saved to
@@ -51,7 +52,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +87,7 @@ class PrepareConfig:
     mode: str = "packed"  # "packed" | "nsp"
     val_fraction: float = 0.01  # share of documents in the validation split
     seed: int = 0
-    shard_size: int = 65536  # rows per shard file
+    shard_size: int = 16384  # rows per shard file (2.1M tokens at seq_len 128)
     num_workers: int = 2  # tokenizer processes; 0 = tokenize in this process
     boundary: str = "blank"  # corpus document boundary: blank | line | heading
     text_field: str = "text"  # JSONL / hub record field
@@ -96,6 +97,11 @@ class PrepareConfig:
     overwrite: bool = False  # replace an existing output instead of resuming it
     batch_bytes: int = 1 << 20  # text per worker task
     show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sources, (str, os.PathLike)):
+            self.sources = [self.sources]
+        self.sources = [os.fspath(s) for s in self.sources]
 
     def validate(self) -> None:
         require(bool(self.sources), "prepare got no sources: pass text files, folders, .gz, .jsonl or hub:NAME")
@@ -156,7 +162,7 @@ class _Encoder:
             texts = [s for doc in per_doc for s in doc]
         ids = [e.ids for e in self.encode(texts, add_special_tokens=False)]
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        flat = np.fromiter((i for seq in ids for i in seq), dtype=self.dtype, count=int(lengths.sum()))
+        flat = np.fromiter(chain.from_iterable(ids), dtype=self.dtype, count=int(lengths.sum()))
         return flat, lengths, counts
 
 
@@ -391,53 +397,56 @@ def _write_manifest(out: Path, manifest: dict) -> None:
 
 
 class _ShardWriter:
-    """Buffers rows per split; every `shard_size` rows become `<split>_NNNNN.bin` (+ `.pairs.bin`)."""
+    """One preallocated `shard_size`-row buffer per split; a full buffer becomes `<split>_NNNNN.bin`
+    (+ `.pairs.bin` for NSP). Memory: at most shard_size rows per split, however large the corpus."""
 
     def __init__(self, out: Path, manifest: dict, shard_size: int, pad_id: int) -> None:
         self.out, self.shards, self.shard_size, self.pad_id = out, manifest["shards"], shard_size, pad_id
         self.nsp = manifest["mode"] == "nsp"
-        empty = np.empty((0, manifest["seq_len"]), manifest["dtype"])
-        self.pending = {s: [empty] for s in SPLITS}
-        self.pending_info = {s: [np.empty((0, 2), np.int32)] for s in SPLITS}
+        self.rows = {s: np.empty((shard_size, manifest["seq_len"]), manifest["dtype"]) for s in SPLITS}
+        self.info = {s: np.zeros((shard_size, 2), np.int32) for s in SPLITS}
         self.count = {s: 0 for s in SPLITS}
         self.written = 0
 
     def add(self, split: str, rows: np.ndarray, info: np.ndarray | None = None) -> None:
-        self.pending[split].append(rows)
-        if info is not None:
-            self.pending_info[split].append(info)
-        self.count[split] += len(rows)
-        while self.count[split] >= self.shard_size:
-            self._flush(split, self.shard_size)
+        done = 0
+        while done < len(rows):
+            have = self.count[split]
+            take = min(self.shard_size - have, len(rows) - done)
+            self.rows[split][have:have + take] = rows[done:done + take]
+            if info is not None:
+                self.info[split][have:have + take] = info[done:done + take]
+            self.count[split] += take
+            done += take
+            if self.count[split] == self.shard_size:
+                self._flush(split)
 
-    def _flush(self, split: str, n: int) -> None:
-        rows, info = np.concatenate(self.pending[split]), np.concatenate(self.pending_info[split])
-        number = sum(s["split"] == split for s in self.shards)
-        name = f"{split}_{number:05d}"
+    def _flush(self, split: str) -> None:
+        n, rows, info = self.count[split], self.rows[split], self.info[split]
+        name = f"{split}_{sum(s['split'] == split for s in self.shards):05d}"
         entry = {"file": f"{name}.bin", "split": split, "rows": n, "pad_tokens": int((rows[:n] == self.pad_id).sum())}
         if self.nsp:
             _write_atomic(self.out / f"{name}.pairs.bin", info[:n])
             entry["is_next"] = int(info[:n, 1].sum())
         _write_atomic(self.out / entry["file"], rows[:n])
         self.shards.append(entry)
-        self.pending[split], self.pending_info[split] = [rows[n:]], [info[n:]]
-        self.count[split] -= n
+        self.count[split] = 0
         self.written += 1
 
     def finish(self) -> None:
         for split in SPLITS:
             if self.count[split]:
-                self._flush(split, self.count[split])
+                self._flush(split)
 
     def state(self) -> dict[str, np.ndarray]:
-        out = {f"rows_{s}": np.concatenate(self.pending[s]) for s in SPLITS}
-        out.update({f"info_{s}": np.concatenate(self.pending_info[s]) for s in SPLITS})
+        out = {f"rows_{s}": self.rows[s][: self.count[s]] for s in SPLITS}
+        out.update({f"info_{s}": self.info[s][: self.count[s]] for s in SPLITS})
         return out
 
     def load(self, state: dict[str, np.ndarray]) -> None:
         for s in SPLITS:
-            self.pending[s], self.pending_info[s] = [state[f"rows_{s}"]], [state[f"info_{s}"]]
-            self.count[s] = len(state[f"rows_{s}"])
+            self.count[s] = 0
+            self.add(s, state[f"rows_{s}"], state[f"info_{s}"])
 
 
 # ----------------------------------------------------------------------------- output folder
@@ -562,7 +571,7 @@ class _Preparer:
         with open(tmp, "wb") as f:
             np.savez(f, **self.writer.state(), **self.builder.state())
         os.replace(tmp, self.out / name)
-        self.manifest["resume"] = {"id": number, "file": name, "counts": self.counts}
+        self.manifest["resume"] = {"id": number, "file": name, "counts": json.loads(json.dumps(self.counts))}
         _write_manifest(self.out, self.manifest)
         if old and old["file"] != name:
             (self.out / old["file"]).unlink(missing_ok=True)
@@ -629,6 +638,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     manifest = _open_output(out, _new_manifest(cfg, tok, dtype), cfg.overwrite)
     start, shards_before = time.perf_counter(), len(manifest["shards"])
     if not manifest["complete"]:
+        tok.save(out / "tokenizer")  # a copy beside the shards, so the folder is self-contained
         job = _Preparer(cfg, tok, out, manifest)
         job.run(tok.backend.to_str())
         manifest = job.manifest
