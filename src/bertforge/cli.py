@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import NamedTuple
@@ -279,11 +280,11 @@ def _add_group(top: argparse._SubParsersAction, name: str,
     return groups[name]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str | os.PathLike] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 usage or input error, 130 interrupted)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(None if argv is None else [os.fspath(a) for a in argv])
     except SystemExit as exc:  # --help, --version, usage errors: argparse already printed
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
     if getattr(args, "run", None) is None:

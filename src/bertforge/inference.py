@@ -193,7 +193,7 @@ def embed(model_dir, input_file, output_file, batch_size: int = 64, *, text_fiel
     start = time.perf_counter()
     emb = encoder.encode(texts, tokenizer, batch_size=batch_size, max_seq_length=max_seq_length)
     seconds = time.perf_counter() - start
-    lengths = [len(e.input_ids) for e in tokenizer.encode_batch(texts, max_length=10**9, truncation=False)]
+    lengths = [len(e.ids) for e in tokenizer.backend.encode_batch_fast(texts)]  # untruncated, with specials
     array = emb.float().cpu().numpy()  # (N, H)
     write_embeddings(array, texts, output_file)
     return {"count": len(texts), "dim": array.shape[1], "output": str(output_file), "seconds": seconds,
@@ -293,13 +293,14 @@ def convert(source, dest, *, to: str, overwrite: bool = False) -> dict:
 
     if to not in CONVERT_TARGETS:
         raise BertforgeError(f"conversion target '{to}' is unknown: use one of {', '.join(CONVERT_TARGETS)}")
-    loaded = load_checked(source)
+    check_model_dir(source)
     dest_path = Path(dest)
     if dest_path.resolve() == Path(source).resolve():
         raise BertforgeError(f"destination '{dest}' is the source folder: pass a new folder")
     if dest_path.exists() and (not dest_path.is_dir() or any(dest_path.iterdir())) and not overwrite:
         raise BertforgeError(f"destination '{dest}' already exists and is not empty: pass a new folder or "
                              "--overwrite")
+    loaded = load_checked(source)
     if to == "bertforge":
         save_model(loaded.model, dest, tokenizer=loaded.tokenizer, meta=loaded.meta)
     elif to == "hf":
