@@ -184,7 +184,7 @@ def test_overfit_loss_goes_down(tiny_model, shared_data, tmp_path):
 
 
 def test_resume_equals_uninterrupted(tiny_model, shared_data, tmp_path, monkeypatch):
-    args = ("sst2", f"data.path={shared_data}/sst2", "epochs=2", "train.batch_size=8")
+    args = ("sst2", f"data.path={shared_data}/sst2", "epochs=2", "train.batch_size=8", "select=last")
     full = run(tmp_path / "full", tiny_model, *args, train=32, dev=16)  # 4 steps per epoch, checkpoint at 4
     calls = {"n": 0}
     original = ExampleBatches.next_batch

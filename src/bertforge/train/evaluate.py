@@ -27,7 +27,6 @@ import json
 import math
 import sys
 import tempfile
-from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -135,8 +134,18 @@ class SeqFeature:
     label: int | float | None
 
 
-class TaskAdapter(ABC):
-    """Base: a task's head, data, batching, inference, metrics and prediction files."""
+def suffix(split: str) -> str:
+    """Metric / predictions-file suffix of an evaluation split ("" for dev and test)."""
+    return SUFFIX.get(split, "_" + split)
+
+
+class TaskAdapter:
+    """A task's head, data, batching, inference, metrics and prediction files.
+
+    Each family defines `read_file(path, labeled)`, `featurize(examples, tokenizer, settings, what) ->
+    (features, number cut to fit)` and `collate(features)`; the base gives classifier-style defaults
+    for `outputs` (a logits row), `decode` (argmax), `metrics` and `write_predictions`.
+    """
 
     name: str
     head: str
@@ -158,42 +167,11 @@ class TaskAdapter(ABC):
                 return self.read_file(path, labeled is not False and not split.startswith("test"))
         return self.read_file(resolve_file(source, self.files, self.name, split), labeled)
 
-    @abstractmethod
-    def read_file(self, path: Path, labeled: bool | None) -> list:
-        """Examples of one file in the task's official format."""
-
-    @abstractmethod
-    def featurize(self, examples: list, tokenizer, s: TaskSettings, what: str) -> tuple[list, int]:
-        """(features, number of inputs cut to fit)."""
-
-    @abstractmethod
-    def collate(self, features: list) -> dict[str, torch.Tensor]:
-        """A padded batch (to the longest feature) with labels when every feature has one."""
-
-    @abstractmethod
-    def outputs(self, out, row: int, batch: dict) -> Any:
-        """The raw model output of one batch row, as numpy."""
-
-    @abstractmethod
-    def decode(self, examples: list, features: list, raw: list) -> Any:
-        """Predictions from the raw outputs of every feature."""
-
-    @abstractmethod
-    def metrics(self, examples: list, predictions: Any) -> dict[str, float]:
-        """The task's official metrics."""
-
-    @abstractmethod
-    def write_predictions(self, directory: Path, split: str, examples: list, predictions: Any) -> Path:
-        """Write the predictions file of `split` into `directory`; returns its path."""
-
     def group(self, feature) -> int:
         return 0
 
     def length(self, feature) -> int:
         return len(feature.input_ids)
-
-    def eval_batch(self, batch: dict) -> dict:
-        return {k: v for k, v in batch.items() if k not in ("labels", "start_positions", "end_positions")}
 
     def run(self, model: nn.Module, features: list, batch_size: int) -> list:
         """Raw per-feature outputs (numpy), batches of similar length in one group, original order."""
@@ -201,11 +179,34 @@ class TaskAdapter(ABC):
         order = sorted(range(len(features)), key=lambda i: (self.group(features[i]), self.length(features[i])))
         results: list = [None] * len(features)
         for idx in split_batches(order, [self.group(f) for f in features], batch_size):
-            batch = self.eval_batch(self.collate([features[i] for i in idx]))
-            out = model(**{k: v.to(device) for k, v in batch.items()})
+            batch = {k: v.to(device) for k, v in self.collate([features[i] for i in idx]).items()
+                     if k not in ("labels", "start_positions", "end_positions")}
+            out = model(**batch)
             for row, i in enumerate(idx):
                 results[i] = self.outputs(out, row, batch)
         return results
+
+    def outputs(self, out, row: int, batch: dict) -> Any:
+        return out.logits[row].float().cpu().numpy()  # (num_labels,) or (C,)
+
+    def decode(self, examples: list, features: list, raw: list) -> Any:
+        return [int(np.argmax(r)) for r in raw]
+
+    def metrics(self, examples: list, predictions: Any) -> dict[str, float]:
+        return compute_task_metrics(self.metric_task, predictions, [e.label for e in examples])
+
+    def show(self, value) -> str:
+        return "" if value is None else str(value)
+
+    def write_predictions(self, directory: Path, split: str, examples: list, predictions: Any) -> Path:
+        """`predictions<suffix>.tsv` with id, prediction, label (empty when unlabelled)."""
+        path = directory / f"predictions{suffix(split)}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            f.write("id\tprediction\tlabel\n")
+            f.writelines(f"{getattr(e, 'id', i)}\t{self.show(p)}\t{self.show(e.label)}\n"
+                         for i, (e, p) in enumerate(zip(examples, predictions)))
+        return path
 
 
 def split_batches(order: list[int], groups: list[int], batch_size: int) -> list[list[int]]:
@@ -223,14 +224,13 @@ class ClassificationTask(TaskAdapter):
 
     head = "sequence_classification"
 
-    def __init__(self, name: str, pad_id: int = 0):
+    def __init__(self, name: str):
         self.spec = get_task(name)
         self.name = self.metric_task = self.spec.name
         self.num_labels = self.spec.num_labels
         self.id2label = None if self.spec.is_regression else dict(enumerate(self.spec.labels))
         self.files = self.spec.files
         self.eval_splits = ("dev_matched", "dev_mismatched") if self.name == "mnli" else ("dev",)
-        self.pad_id = pad_id
 
     def read(self, source: str, split: str, labeled: bool | None = None) -> list:
         if source.startswith("hub:"):
@@ -245,49 +245,29 @@ class ClassificationTask(TaskAdapter):
         a = [e.text_a for e in examples]
         b = [e.text_b for e in examples] if self.spec.text_b else None
         encs, long = encode_checked(tokenizer, a, b, s.max_seq_length, s.truncate, what)
-        if long:
-            cut_encs = tokenizer.encode_batch([a[i] for i in long], [b[i] for i in long] if b else None,
-                                              max_length=s.max_seq_length, truncation="longest_first")
-            for i, enc in zip(long, cut_encs):
+        if long:  # re-encode only the long ones, truncated longest-first (as HF)
+            cut = tokenizer.encode_batch([a[i] for i in long], [b[i] for i in long] if b else None,
+                                         max_length=s.max_seq_length, truncation="longest_first")
+            for i, enc in zip(long, cut):
                 encs[i] = enc
         return [SeqFeature(e.input_ids, e.token_type_ids, x.label) for e, x in zip(encs, examples)], len(long)
 
     def collate(self, features: list) -> dict[str, torch.Tensor]:
-        ids = _pad([f.input_ids for f in features], self.pad_id)  # (B, T)
-        batch = {"input_ids": ids, "token_type_ids": _pad([f.token_type_ids for f in features], 0),
-                 "attention_mask": (_pad([[1] * len(f.input_ids) for f in features], 0))}
+        batch = {"input_ids": _pad([f.input_ids for f in features], self.pad_id),  # (B, T)
+                 "token_type_ids": _pad([f.token_type_ids for f in features], 0),  # (B, T)
+                 "attention_mask": _pad([[1] * len(f.input_ids) for f in features], 0)}  # (B, T)
         if all(f.label is not None for f in features):
             dtype = torch.float32 if self.spec.is_regression else torch.long
             batch["labels"] = torch.tensor([f.label for f in features], dtype=dtype)  # (B,)
         return batch
 
-    def outputs(self, out, row: int, batch: dict) -> np.ndarray:
-        return out.logits[row].float().cpu().numpy()  # (num_labels,)
-
     def decode(self, examples: list, features: list, raw: list) -> list:
-        if self.spec.is_regression:
-            return [float(r[0]) for r in raw]
-        return [int(np.argmax(r)) for r in raw]
+        return [float(r[0]) for r in raw] if self.spec.is_regression else super().decode(examples, features, raw)
 
-    def metrics(self, examples: list, predictions: list) -> dict[str, float]:
-        return compute_task_metrics(self.metric_task, predictions, [e.label for e in examples])
-
-    def write_predictions(self, directory: Path, split: str, examples: list, predictions: list) -> Path:
-        def show(v):
-            if v is None:
-                return ""
-            return f"{v:.9g}" if self.spec.is_regression else self.spec.labels[v]
-
-        rows = [(str(i), show(p), show(e.label)) for i, (e, p) in enumerate(zip(examples, predictions))]
-        return _write_tsv(directory / f"predictions{SUFFIX.get(split, '_' + split)}.tsv", rows)
-
-
-def _write_tsv(path: Path, rows: list[tuple[str, str, str]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        f.write("id\tprediction\tlabel\n")
-        f.writelines("\t".join(r) + "\n" for r in rows)
-    return path
+    def show(self, value) -> str:
+        if value is None:
+            return ""
+        return f"{value:.9g}" if self.spec.is_regression else self.spec.labels[value]
 
 
 class SquadTask(TaskAdapter):
@@ -299,17 +279,15 @@ class SquadTask(TaskAdapter):
 
     def read_file(self, path: Path, labeled: bool | None) -> list:
         examples = squad.read_squad(path)
-        if labeled:
-            unanswered = [e.id for e in examples if not e.answers]
-            require(not unanswered, f"SQuAD file '{path}': {len(unanswered)} questions have no answer (first: "
-                    f"{unanswered[0] if unanswered else ''!r}): pass a labelled file")
+        missing = [e.id for e in examples if not e.answers] if labeled else []
+        require(not missing, f"SQuAD file '{path}': {len(missing)} questions have no answer (first: "
+                f"{missing[0] if missing else ''!r}): pass a labelled file")
         return examples
 
     def featurize(self, examples: list, tokenizer, s: TaskSettings, what: str) -> tuple[list, int]:
         self.pad_id = tokenizer.pad_token_id
-        questions = [e.question.lstrip() for e in examples]
-        encs = tokenizer.backend.encode_batch(questions, add_special_tokens=False) if questions else []
-        cut = sum(len(e.ids) > s.max_query_length for e in encs)
+        questions = tokenizer.backend.encode_batch([e.question.lstrip() for e in examples], add_special_tokens=False)
+        cut = sum(len(e.ids) > s.max_query_length for e in questions)
         require(s.truncate or not cut, f"{cut} of {len(examples)} {what} questions are longer than max_query_length="
                 f"{s.max_query_length} tokens: raise data.max_query_length or allow truncation (drop --no-truncate)")
         return squad.featurize_squad(examples, tokenizer, max_length=s.max_seq_length, doc_stride=s.doc_stride,
@@ -335,8 +313,8 @@ class SquadTask(TaskAdapter):
 
     def write_predictions(self, directory: Path, split: str, examples: list, predictions: dict) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
-        squad.write_predictions(predictions, directory / "predictions.json")
-        return directory / "predictions.json"
+        squad.write_predictions(predictions, directory / f"predictions{suffix(split)}.json")
+        return directory / f"predictions{suffix(split)}.json"
 
 
 class ChoiceTask(TaskAdapter):
@@ -368,19 +346,6 @@ class ChoiceTask(TaskAdapter):
     def collate(self, features: list) -> dict[str, torch.Tensor]:
         return mc.collate_choices(features, self.pad_id)
 
-    def outputs(self, out, row: int, batch: dict) -> np.ndarray:
-        return out.logits[row].float().cpu().numpy()  # (C,)
-
-    def decode(self, examples: list, features: list, raw: list) -> list[int]:
-        return [int(np.argmax(r)) for r in raw]
-
-    def metrics(self, examples: list, predictions: list) -> dict[str, float]:
-        return compute_task_metrics(self.metric_task, predictions, [e.label for e in examples])
-
-    def write_predictions(self, directory: Path, split: str, examples: list, predictions: list) -> Path:
-        rows = [(e.id, str(p), "" if e.label is None else str(e.label)) for e, p in zip(examples, predictions)]
-        return _write_tsv(directory / f"predictions{SUFFIX.get(split, '_' + split)}.tsv", rows)
-
 
 def get_task_adapter(name: str, settings: TaskSettings | None = None) -> TaskAdapter:
     """The adapter of task `name` (see the module table); unknown names are an error."""
@@ -409,13 +374,13 @@ def score_split(adapter: TaskAdapter, model: nn.Module, examples: list, features
     if not labeled:
         return predictions, {}
     metrics = adapter.metrics(examples, predictions)
-    return predictions, {f"{k}{SUFFIX.get(split, '_' + split)}": float(v) for k, v in metrics.items()}
+    return predictions, {f"{k}{suffix(split)}": float(v) for k, v in metrics.items()}
 
 
 def main_score(metrics: dict[str, float]) -> float:
     """The selection score: the mean of the task's official metrics (the GLUE convention for MRPC,
     QQP, STS-B; MNLI averages matched and mismatched); nan when any is nan."""
-    values = [v for k, v in metrics.items()]
+    values = list(metrics.values())
     return float(np.mean(values)) if values and all(math.isfinite(v) for v in values) else float("nan")
 
 
@@ -458,8 +423,9 @@ def hub_to_file(task: str, name: str, split: str, directory: Path, rows: list[di
             writer.writerows({k: ("" if v == -1 and k == "label" else v) for k, v in r.items()} for r in rows)
         return path
     if task.startswith("arc"):
-        rows = [{"id": r.get("id"), "answerKey": r.get("answerKey", ""), "question": {"stem": r["question"], "choices": [
-            {"text": t, "label": lab} for t, lab in zip(r["choices"]["text"], r["choices"]["label"])]}}
+        rows = [{"id": r.get("id"), "answerKey": r.get("answerKey", ""), "question": {
+            "stem": r["question"], "choices": [{"text": t, "label": c} for t, c in zip(r["choices"]["text"],
+                                                                                      r["choices"]["label"])]}}
             for r in rows]
     path = directory / f"{task}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -505,10 +471,11 @@ def _run_splits(model_dir, data: str, splits: tuple[str, ...] | None, task, devi
     result: dict = {"task": adapter.name, "model": str(model_dir), "data": str(data), "examples": 0, "truncated": 0}
     for split in map(canonical_split, splits):
         examples = adapter.read(data, split, labeled)
-        features, cut = adapter.featurize(examples, tokenizer, settings, f"'{data}' {split}")
+        what = f"'{data}'" if Path(data).is_file() else f"'{data}' {split}"
+        features, cut = adapter.featurize(examples, tokenizer, settings, what)
         if cut:
-            print(f"note: {cut} inputs of '{data}' {split} were cut to max_seq_length={settings.max_seq_length} "
-                  "tokens", file=sys.stderr)
+            print(f"note: {cut} inputs of {what} were longer than max_seq_length={settings.max_seq_length} (SQuAD: "
+                  "max_query_length) tokens and were truncated; --no-truncate makes this an error", file=sys.stderr)
         with torch.inference_mode():
             predictions, metrics = score_split(adapter, model, examples, features, split, settings.eval_batch_size)
         if output_dir is not None:
