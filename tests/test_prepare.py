@@ -155,6 +155,15 @@ def test_nsp_pairs_labels_and_token_types(corpus, minilm, tmp_path):
     assert (rows[:, 0] == tok.cls_token_id).all() and (rows[idx, ends] == tok.sep_token_id).all()
     assert (rows[idx, info[:, 0] - 1] == tok.sep_token_id).all() and (info[:, 0] >= 3).all()
     assert ((rows == tok.sep_token_id).sum(1) == 2).all() and (ends <= 127).all()
+    # untrimmed pairs: A+B is a contiguous run of one document exactly when is_next says so
+    docs = list(iter_documents(corpus, boundary="heading"))
+    train = [d for d, v in zip(docs, is_val_document(np.arange(len(docs)), 0, 0.2)) if not v]
+    as_text = lambda ids: "".join(chr(i + 256) for i in ids)  # noqa: E731 - substring search over ids
+    text = "\n".join(as_text(e.input_ids) for e in tok.encode_batch(train, add_special_tokens=False,
+                                                                    truncation=False, max_length=10**7))
+    short = np.flatnonzero(ends < 126)  # room left, so nothing was trimmed
+    follows = np.array([as_text(np.delete(rows[r, 1:ends[r]], info[r, 0] - 2)) in text for r in short])
+    assert (follows[labels[short] == 1]).all() and follows[labels[short] == 0].mean() < 0.05
     item = ds[5]
     types = item["token_type_ids"]
     assert types[: info[5, 0]].sum() == 0 and (types[info[5, 0]: ends[5] + 1] == 1).all()
@@ -186,6 +195,13 @@ def test_tokenizer_or_settings_mismatch_with_existing_shards(corpus, minilm, tmp
         prepare(make_cfg(small, str(tmp_path / "tok"), tmp_path / "out"))
     with pytest.raises(BertforgeError, match="seq_len 64 -> 32"):
         prepare(make_cfg(small, minilm, tmp_path / "out", seq_len=32))
+    grown = tmp_path / "grown.txt"  # the corpus changed since the shards were made
+    grown.write_bytes(open(small[0], "rb").read())
+    prepare(make_cfg([str(grown)], minilm, tmp_path / "out2"))
+    with open(grown, "a", encoding="utf-8") as f:
+        f.write("\n = New article = \n\n more text \n")
+    with pytest.raises(BertforgeError, match="source_bytes"):
+        prepare(make_cfg([str(grown)], minilm, tmp_path / "out2"))
     summary = prepare(make_cfg(small, str(tmp_path / "tok"), tmp_path / "out", overwrite=True))
     assert summary["vocab_size"] == len(other) and summary["shards_skipped"] == 0
     assert PackedDataset(tmp_path / "out", fingerprint=other.fingerprint()).manifest["vocab_size"] == len(other)
@@ -203,6 +219,21 @@ def test_big_vocabulary_uses_uint32_and_rejects_explicit_uint16(corpus, minilm, 
     ds = PackedDataset(tmp_path / "o")
     assert summary["dtype"] == "uint32" and ds.rows(np.arange(3)).dtype == np.uint32
     assert (tmp_path / "o" / "train_00000.bin").stat().st_size == 300 * SEQ * 4
+
+
+def test_jsonl_records_are_documents(corpus, minilm, tmp_path):
+    docs = list(iter_documents(corpus[:1], boundary="heading"))[:6]
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "body": d}) + "\n" for i, d in enumerate(docs)), encoding="utf-8")
+    summary = prepare(make_cfg([str(src)], minilm, tmp_path / "o", text_field="body", boundary="blank",
+                               val_fraction=0.0))
+    tok = WordPieceTokenizer.from_pretrained(minilm)
+    lengths = [len(e.input_ids) for e in tok.encode_batch(docs, add_special_tokens=False, truncation=False,
+                                                          max_length=10**7)]
+    assert summary["documents"] == 6 and summary["tokens"] == sum(lengths)
+    assert summary["sequences"] == -(-(sum(lengths) + 5) // (SEQ - 2))  # 5 separators, last row padded
+    with pytest.raises(BertforgeError, match="no field 'text'"):
+        prepare(make_cfg([str(src)], minilm, tmp_path / "o3"))
 
 
 def test_cli_runner_prints_summary(corpus, minilm, tmp_path, capsys):

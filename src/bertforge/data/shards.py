@@ -452,9 +452,19 @@ class _ShardWriter:
 # ----------------------------------------------------------------------------- output folder
 
 
+def _source_bytes(source: str) -> int | None:
+    """Size of a local source (a folder: all its files), so a resume notices a changed corpus."""
+    if os.path.isfile(source):
+        return os.path.getsize(source)
+    if os.path.isdir(source):
+        return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(source) for f in files)
+    return None  # hub:NAME (or a missing path, which the corpus reader reports)
+
+
 def _new_manifest(cfg: PrepareConfig, tok, dtype: str) -> dict:
     sources = [s if str(s).startswith("hub:") else os.path.abspath(s) for s in cfg.sources]
     settings = {k: getattr(cfg, k) for k in _OUTPUT_KEYS} | {"sources": sources, "dtype": dtype}
+    settings["source_bytes"] = [_source_bytes(s) for s in sources]
     if cfg.mode != "nsp":
         settings["short_seq_prob"] = None
     ids = {k: getattr(tok, k) for k in ("pad_token_id", "unk_token_id", "cls_token_id", "sep_token_id",
