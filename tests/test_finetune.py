@@ -356,7 +356,7 @@ def test_bad_inputs_are_one_line_errors(case, tiny_model, shared_data, tmp_path)
         bad.write_text("")
         match = "empty"
     elif case == "no_dev":
-        task, extra, match = "winogrande", [f"data.path={shared_data}/winogrande"], "has no winogrande dev file"
+        task, extra, match = "winogrande", [f"data.path={shared_data}/winogrande"], "data.dev_from_train=N"
     elif case == "positions":
         extra, match = [f"data.path={shared_data}/sst2", "data.max_seq_length=1024"], "exceeds the model's 512"
     else:

@@ -99,7 +99,10 @@ def has_labels(task: str, path: Path) -> bool:
     """Whether a task file carries gold labels (decided from its header or first record)."""
     line = _first_line(path)
     if path.name.endswith((".jsonl", ".jsonl.gz")):
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise BertforgeError(f"{path}:1: not valid JSON ({error.msg}): pass a JSON Lines file") from None
         key = {"arc_easy": "answerKey", "arc_challenge": "answerKey", "winogrande": "answer"}.get(task)
         return bool(record.get(key or get_task(task).label, "") not in ("", None))
     if task == "swag":

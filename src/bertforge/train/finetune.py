@@ -190,8 +190,11 @@ def load_splits(cfg: FinetuneRunConfig, adapter: TaskAdapter) -> tuple[list, dic
                 f"one per evaluation split ({', '.join(adapter.eval_splits)})")
         evals = {s: adapter.read(f, s, labeled=True) for s, f in zip(splits, d.dev_files)}
     else:
-        require(bool(d.path), f"no dev data for {adapter.name}: pass --data FOLDER, data.dev_files=FILE or "
-                "data.dev_from_train=N")
+        folder = Path(d.path)
+        lacking = [s for s in adapter.eval_splits if folder.is_dir()
+                   and not any((folder / name).is_file() for name in adapter.files.get(s, ()))]
+        require(bool(d.path) and not lacking, f"no {adapter.name} {' / '.join(lacking) or 'dev'} data in "
+                f"'{d.path}': pass data.dev_files=FILE, or hold out training examples with data.dev_from_train=N")
         evals = {s: adapter.read(d.path, s, labeled=True) for s in adapter.eval_splits}
     train = train[:d.max_train_examples] if d.max_train_examples else train
     evals = {s: ex[:d.max_eval_examples] if d.max_eval_examples else ex for s, ex in evals.items()}
