@@ -69,7 +69,7 @@ def test_pretrain_loss_goes_down_and_saves_model(prepared, tmp_path):
     curve = losses(tmp_path / "run")
     first = sum(curve[s] for s in range(1, 6)) / 5
     last = sum(curve[s] for s in range(56, 61)) / 5
-    assert last < first - 1.0, (first, last)
+    assert last < first - 0.5, (first, last)  # from ln(V) = 6.9 towards the unigram level
     assert summary["step"] == 60 and summary["stop_reason"] == "budget"
     assert 0 < summary["eval_accuracy"] <= 1 and summary["eval_perplexity"] == pytest.approx(
         torch.tensor(summary["eval_loss"]).exp().item(), rel=1e-6)

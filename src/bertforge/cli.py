@@ -12,8 +12,10 @@ Parsing only: every runner imports the module that does the work inside the func
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import NamedTuple
@@ -22,6 +24,7 @@ from bertforge import __version__
 from bertforge.errors import BertforgeError
 
 EXIT_USAGE = 2
+OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+=")
 EXIT_INTERRUPTED = 130
 
 
@@ -40,10 +43,21 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class Command(NamedTuple):
+    """A row of COMMANDS. `add_arguments` and `run` are callables or "module:function" references,
+    imported only when that command is the one being run (so heavy modules stay unloaded for --help)."""
+
     help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
+    add_arguments: Callable[[argparse.ArgumentParser], None] | str
+    run: Callable[[argparse.Namespace], int] | str
     examples: str = ""
+
+
+def resolve(ref):
+    """A callable, or "package.module:function" imported now."""
+    if callable(ref):
+        return ref
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 # ----------------------------------------------------------------------------- quickstart
@@ -245,10 +259,48 @@ COMMANDS: dict[str, Command] = {
         add_info_arguments, run_info,
         "  bertforge info bertforge-quickstart/model\n"
         "  bertforge info path/to/all-MiniLM-L6-v2 --json"),
+    "prepare": Command(
+        "tokenize a corpus into packed (or NSP pair) memmap shards with a manifest",
+        "bertforge.data.prepare_cli:add_prepare_arguments", "bertforge.data.prepare_cli:run_prepare",
+        "  bertforge prepare corpus/ --tokenizer tok/ --output data/shards\n"
+        "  bertforge prepare wiki.txt.gz books.jsonl --text-field body --tokenizer tok/ --output data/nsp --mode nsp"),
+    "pretrain": Command(
+        "pretrain a BERT with MLM (NSP optional) on prepared shards; resumable, DDP via torchrun",
+        "bertforge.train.pretrain_cli:add_pretrain_arguments", "bertforge.train.pretrain_cli:run_pretrain",
+        "  bertforge pretrain --config configs/tiny-smoke.yaml --data data/shards --output runs/smoke\n"
+        "  bertforge pretrain --config configs/cpu-budget.yaml --data data/shards --output runs/cpu --time-budget 1h\n"
+        "  bertforge pretrain --config configs/cpu-budget.yaml --data data/shards --output runs/cpu --resume\n"
+        "  bertforge pretrain --data data/shards --output runs/lamb optim.optimizer=lamb optim.lr=2e-3 train.max_steps=2000\n"
+        "  torchrun --nproc_per_node 2 -m bertforge pretrain --config configs/gpu-budget.yaml --data d --output runs/gpu"),
+    "sanity": Command(
+        "can this setup overfit one batch? pass/fail with hints (learning rate, masking, labels)",
+        "bertforge.train.pretrain_cli:add_sanity_arguments", "bertforge.train.pretrain_cli:run_sanity",
+        "  bertforge sanity --data data/shards\n"
+        "  bertforge sanity --config configs/cpu-budget.yaml --data data/shards optim.lr=1.0   # fails, says why"),
+    "inspect": Command(
+        "a model's predictions at masked positions, right/wrong, in the terminal or as HTML",
+        "bertforge.inspect_mlm:add_inspect_arguments", "bertforge.inspect_mlm:run_inspect",
+        "  bertforge inspect runs/cpu-budget --data data/shards --html view.html\n"
+        '  bertforge inspect runs/cpu-budget/model --text "The cat sat on the mat."'),
+    "report": Command(
+        "plot and compare runs: loss, accuracy and LR curves (PNG), markdown/CSV tables",
+        "bertforge.report:add_report_arguments", "bertforge.report:run_report",
+        "  bertforge report runs/adamw runs/lamb runs/adafactor --out report"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def selected_command(argv: list[str] | None) -> str | None:
+    """The COMMANDS key that argv runs ("tokenizer train", "pretrain"), or None."""
+    if not argv:
+        return None
+    if len(argv) > 1 and f"{argv[0]} {argv[1]}" in COMMANDS:
+        return f"{argv[0]} {argv[1]}"
+    return argv[0] if argv[0] in COMMANDS else None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with `argv`, only the command it selects gets its arguments (and imports)."""
+    selected = selected_command(argv)
     parser = argparse.ArgumentParser(
         prog="bertforge", formatter_class=HelpFormatter,
         description="Train BERT encoders from scratch and put them to work.",
@@ -265,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = subparsers.add_parser(leaf, help=cmd.help, description=cmd.help,
                                   formatter_class=HelpFormatter,
                                   epilog=f"examples:\n{cmd.examples}" if cmd.examples else None)
-        cmd.add_arguments(p)
+        if argv is None or name == selected:
+            resolve(cmd.add_arguments)(p)
         p.set_defaults(run=cmd.run)
     return parser
 
@@ -282,16 +335,21 @@ def _add_group(top: argparse._SubParsersAction, name: str,
 
 def main(argv: list[str | os.PathLike] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 usage or input error, 130 interrupted)."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [os.fspath(a) for a in argv]
+    parser = build_parser(argv)
     try:
-        args = parser.parse_args(None if argv is None else [os.fspath(a) for a in argv])
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # dotted overrides may stand anywhere (argparse collects positionals in one run only)
+            if not (hasattr(args, "overrides") and all(OVERRIDE.match(x) for x in extra)):
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            args.overrides = [*args.overrides, *extra]
     except SystemExit as exc:  # --help, --version, usage errors: argparse already printed
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
     if getattr(args, "run", None) is None:
         (getattr(args, "group_parser", None) or parser).print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return args.run(args)
+        return resolve(args.run)(args)
     except BertforgeError as exc:
         return _fail(str(exc))
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:

@@ -1,6 +1,6 @@
 """`bertforge prepare`: argument table, runner and the end-of-run summary table.
 
-The CLI owner adds one row: `"prepare": Command(help, add_prepare_arguments, run_prepare, EXAMPLES)`.
+The row in `cli.COMMANDS` names these functions.
 The work itself lives in `bertforge.data.shards.prepare`.
 """
 
@@ -9,12 +9,6 @@ from __future__ import annotations
 import argparse
 
 from bertforge.data.corpus import BOUNDARIES
-
-HELP = "tokenize a corpus into packed (or NSP pair) memmap shards with a manifest"
-EXAMPLES = """examples:
-  bertforge prepare corpus/ --tokenizer tok/ --output data/shards
-  bertforge prepare wiki.txt.gz books.jsonl --text-field body --tokenizer tok/ --output data/nsp --mode nsp
-  bertforge prepare notes.txt --boundary line --seq-len 256 --tokenizer tok/vocab.txt --output data/s256"""
 
 
 def add_prepare_arguments(p: argparse.ArgumentParser) -> None:

@@ -9,19 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 
-PRETRAIN_HELP = "pretrain a BERT with MLM (NSP optional) on prepared shards; resumable, DDP via torchrun"
-PRETRAIN_EXAMPLES = """examples:
-  bertforge pretrain --config configs/tiny-smoke.yaml --data data/shards --output runs/smoke
-  bertforge pretrain --config configs/cpu-budget.yaml --data data/shards --output runs/cpu --time-budget 1h
-  bertforge pretrain --config configs/cpu-budget.yaml --data data/shards --output runs/cpu --resume
-  bertforge pretrain --data data/shards --output runs/lamb optim.optimizer=lamb optim.lr=2e-3 train.max_steps=2000
-  torchrun --nproc_per_node 2 -m bertforge pretrain --config configs/gpu-budget.yaml --data data/shards --output runs/gpu"""
-
-SANITY_HELP = "can this setup overfit one batch? pass/fail with hints (learning rate, masking, labels)"
-SANITY_EXAMPLES = """examples:
-  bertforge sanity --data data/shards
-  bertforge sanity --config configs/cpu-budget.yaml --data data/shards optim.lr=1.0    # fails, says why"""
-
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",

@@ -85,7 +85,7 @@ def run_sanity(model: torch.nn.Module, rows: np.ndarray, collator: MLMCollator, 
         if opt_cfg.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.clip_grad_norm)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
             break
     model.eval()
