@@ -5,8 +5,10 @@ steps x batch SST-2 training sentences for the same number of optimizer steps: f
 weight decay 0.01, eps 1e-6), linear schedule with 10% warmup, gradient clipping at 1.0, dropout on,
 dynamic padding to the longest sentence of each batch (truncation at --max-seq-length), random batch
 order (or length-grouped batches on both sides with --group-by-length), no evaluation and no
-checkpoint inside the timed loop. Throughput = training examples / training-loop seconds: bertforge's
-`elapsed` (summary.json) and transformers' `train_runtime`. Prints one JSON line with the ratio.
+checkpoint inside the timed loop. Throughput = batch size / median optimizer-step time (robust to a
+shared, busy CPU; the step times come from bertforge's per-step `elapsed` in metrics.jsonl and a
+transformers `TrainerCallback`), and also training examples / whole-loop seconds (bertforge's `elapsed`,
+transformers' `train_runtime`). Prints one JSON line with the ratios.
 
     python benchmarks/bench_finetune.py --steps 30 --threads 2
 """
@@ -17,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -33,14 +36,16 @@ def bertforge_run(model: str, args, out: Path) -> dict:
         "task=sst2", f"model={model}", f"data.path={DATA / 'sst2'}", f"data.max_train_examples={args.steps * args.batch_size}",
         "data.max_eval_examples=32", f"data.max_seq_length={args.max_seq_length}",
         f"data.group_by_length={str(args.group_by_length).lower()}", f"train.batch_size={args.batch_size}", "epochs=1",
-        f"train.output_dir={out}", "train.device=cpu", "train.progress=false", f"train.log_every={args.steps}",
+        f"train.output_dir={out}", "train.device=cpu", "train.progress=false", "train.log_every=1",
         "optim.lr=2e-5", "optim.warmup_ratio=0.1", "optim.weight_decay=0.01"])
     start = time.perf_counter()
     main(cfg)
     wall = time.perf_counter() - start
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == args.steps, summary
-    return {"seconds": summary["elapsed"], "wall": wall}
+    elapsed = [r["elapsed"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    steps = [b - a for a, b in zip([0.0, *elapsed], elapsed)]
+    return {"seconds": summary["elapsed"], "wall": wall, "steps": steps}
 
 
 def transformers_run(model: str, args, out: Path) -> dict:
@@ -61,10 +66,19 @@ def transformers_run(model: str, args, out: Path) -> dict:
         max_grad_norm=1.0, optim="adamw_torch", save_strategy="no", eval_strategy="no", logging_strategy="no",
         report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True,
         train_sampling_strategy="group_by_length" if args.group_by_length else "random")
+    steps: list[float] = []
+
+    class StepTimer(tf.TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            steps.append(time.perf_counter() - self.start)
+
     trainer = tf.Trainer(model=hf_model, args=training, train_dataset=rows,
-                         data_collator=tf.DataCollatorWithPadding(tokenizer))
+                         data_collator=tf.DataCollatorWithPadding(tokenizer), callbacks=[StepTimer()])
     result = trainer.train()
-    return {"seconds": result.metrics["train_runtime"], "wall": time.perf_counter() - start}
+    return {"seconds": result.metrics["train_runtime"], "wall": time.perf_counter() - start, "steps": steps}
 
 
 def main() -> int:
@@ -92,15 +106,16 @@ def main() -> int:
         for name in order:
             results[name] = runs[name](model, args, Path(tmp) / name)
     examples = args.steps * args.batch_size
-    ours, theirs = (examples / results[n]["seconds"] for n in ("bertforge", "transformers"))
+    ours, theirs = (args.batch_size / statistics.median(results[n]["steps"]) for n in ("bertforge", "transformers"))
+    ours_loop, theirs_loop = (examples / results[n]["seconds"] for n in ("bertforge", "transformers"))
     print(json.dumps({
         "benchmark": "finetune_sst2", "model": "all-MiniLM-L6-v2", "steps": args.steps, "batch_size": args.batch_size,
         "max_seq_length": args.max_seq_length, "threads": args.threads, "precision": "fp32",
         "group_by_length": args.group_by_length, "torch": torch.__version__,
         "bertforge_examples_per_s": round(ours, 2), "transformers_examples_per_s": round(theirs, 2),
-        "ratio": round(ours / theirs, 3),
-        "bertforge_loop_s": round(results["bertforge"]["seconds"], 2),
-        "transformers_loop_s": round(results["transformers"]["seconds"], 2)}))
+        "ratio": round(ours / theirs, 3), "bertforge_loop_examples_per_s": round(ours_loop, 2),
+        "transformers_loop_examples_per_s": round(theirs_loop, 2), "loop_ratio": round(ours_loop / theirs_loop, 3),
+        "first": args.first}))
     return 0
 
 

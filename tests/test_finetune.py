@@ -283,7 +283,8 @@ def test_glue_sane_protocol():
     assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_ratio) == (4e-5, "cosine", 0.1)
     finetune.validate(cfg)
     assert finetune.PROTOCOLS["glue-sane"]["epochs"] == 5  # the preset itself is not mutated
-    for bad, match in (("epochs=6", "at most 5 epochs"), ("select=best", "last checkpoint")):
+    for bad, match in (("epochs=6", "at most 5 epochs"), ("select=best", "last checkpoint"),
+                       ("task=squad", "GLUE-style tasks"), ("train.max_steps=10", "whole epochs")):
         with pytest.raises(BertforgeError, match=match):
             finetune.validate(load_finetune_config(protocol="glue-sane", overrides=["task=rte", "model=m",
                                                                                   "data.path=d", bad]))

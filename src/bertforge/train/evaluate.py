@@ -11,10 +11,12 @@
 An adapter reads a split (`read`: a file, a folder holding the canonical file name, or `hub:` name),
 featurizes it (`featurize`: returns the features and how many inputs were cut to fit, never silently:
 with `truncate=False` any cut is an error), batches it (`collate`, `length`, `group`), runs a model
-over it (`predict`), scores it with the task's official metrics from `bertforge.eval.metrics`
-(`metrics`) and writes predictions (`write_predictions`: GLUE/multiple choice `predictions*.tsv` with
-`id, prediction, label`; SQuAD the official `predictions.json`). MNLI has two evaluation sets; their
-metrics carry the suffixes `_matched` / `_mismatched`.
+over it (`run`: batches of similar length, original order back), turns the outputs into predictions
+(`decode`; SQuAD: n-best span search over every window), scores them with the task's official metrics
+from `bertforge.eval.metrics` (`metrics`) and writes them (`write_predictions`: GLUE and multiple
+choice `predictions*.tsv` with `id, prediction, label`, label names as in the task's files; SQuAD the
+official `predictions.json`). MNLI has two evaluation sets; their metrics and files carry the
+suffixes `_matched` / `_mismatched`. The model-selection score is the mean of the official metrics.
 
 `evaluate(model_dir, data)` and `predict(model_dir, data, output)` run a fine-tuned model directory
 (written by `bertforge finetune`, whose config holds the task and sequence settings) without training.

@@ -109,6 +109,9 @@ def validate(cfg: FinetuneRunConfig) -> None:
     require(cfg.protocol is None or cfg.protocol in PROTOCOLS,
             f"protocol {cfg.protocol!r} is unknown: use one of {', '.join(PROTOCOLS)}")
     if cfg.protocol is not None:
+        require(get_task_adapter(cfg.task).head == "sequence_classification", f"protocol {cfg.protocol} is for "
+                f"GLUE-style tasks, not {cfg.task}: drop --protocol")
+        require(cfg.train.max_steps is None, f"protocol {cfg.protocol} trains whole epochs: drop train.max_steps")
         require(cfg.epochs <= MAX_EPOCHS[cfg.protocol], f"protocol {cfg.protocol} allows at most "
                 f"{MAX_EPOCHS[cfg.protocol]} epochs, got {cfg.epochs}: lower --epochs or drop --protocol")
         require(cfg.select == "last", f"protocol {cfg.protocol} reports the last checkpoint, not one chosen on "
@@ -279,17 +282,7 @@ def run_one(cfg: FinetuneRunConfig) -> dict:
     if not dist.is_main():
         return {}
     kept = trainer.ckpt.best() if cfg.select == "best" else None
-    if kept is not None:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(kept / "model" / "model.safetensors"))
-    model.eval()
-    metrics = {}
-    with torch.no_grad():
-        for s, (ex, feats, _) in evals.items():
-            predictions, split_metrics = score_split(adapter, model, ex, feats, s, settings.eval_batch_size)
-            adapter.write_predictions(out, s, ex, predictions)
-            metrics.update(split_metrics)
+    metrics = _score_kept(model, kept, adapter, evals, settings, out)
     result = {"task": adapter.name, "model": cfg.model, "seed": seed, **metrics}
     _write_json(out / "metrics.json", result)
     _write_json(out / "summary.json", {**summary, "kept": kept.name if kept else "last", "steps_per_epoch": per_epoch,
@@ -297,6 +290,25 @@ def run_one(cfg: FinetuneRunConfig) -> dict:
                                        "examples": {"train": len(train_ex), **{s: len(e[0]) for s, e in evals.items()}}})
     save_model(model, out / "model", tokenizer=tokenizer, meta=meta)
     return result
+
+
+def _score_kept(model: nn.Module, kept: Path | None, adapter: TaskAdapter, evals: dict, settings: TaskSettings,
+                out: Path) -> dict[str, float]:
+    """Load the kept checkpoint's weights (None: keep the final ones), score every evaluation split and
+    write its predictions."""
+    if kept is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(kept / "model" / "model.safetensors"))
+    model.eval()
+    metrics: dict[str, float] = {}
+    with torch.no_grad():
+        for split, (examples, features, _) in evals.items():
+            predictions, split_metrics = score_split(adapter, model, examples, features, split,
+                                                     settings.eval_batch_size)
+            adapter.write_predictions(out, split, examples, predictions)
+            metrics.update(split_metrics)
+    return metrics
 
 
 def aggregate(runs: list[dict]) -> dict:
