@@ -21,6 +21,7 @@ from bertforge.train.distill import (
     DistillLossConfig,
     DistillRunConfig,
     default_teacher_layers,
+    evaluate_distill,
     hidden_pairs,
     init_student_from_teacher,
     kd_loss,
@@ -105,6 +106,23 @@ def test_distillation_loss_combines_soft_hard_and_hidden_terms():
         out.loss.backward()
         assert model.proj.weight.grad is not None and float(model.proj.weight.grad.abs().sum()) > 0
     assert set(k.split(".")[0] for k in model.state_dict()) == {"student", "proj"}  # teacher not saved
+
+
+def test_regression_distillation_uses_mse_to_the_teacher():
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(tiny(), num_labels=1)
+    student = BertForSequenceClassification(tiny(num_hidden_layers=1), num_labels=1)
+    batch = {"input_ids": torch.randint(5, 99, (6, 8)), "attention_mask": torch.ones(6, 8, dtype=torch.long),
+             "labels": torch.linspace(0.0, 5.0, 6)}
+    model = DistillationModel(student, teacher, DistillLossConfig(alpha=0.25), regression=True).eval()
+    with torch.no_grad():
+        out = model(**batch)
+    expected = 0.25 * F.mse_loss(out.logits, out.teacher_logits) + 0.75 * F.mse_loss(out.logits.squeeze(-1),
+                                                                                    batch["labels"])
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    metrics = evaluate_distill(model, [batch], "stsb")
+    assert metrics["eval_teacher_mse"] == pytest.approx(F.mse_loss(out.logits, out.teacher_logits).item(), rel=1e-5)
+    assert {"eval_pearson", "eval_spearmanr", "teacher_pearson", "teacher_spearmanr"} <= set(metrics)
 
 
 SST2_LINES: list[str] = []

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bertforge.config import config_to_dict
+from bertforge.config import config_to_dict, parse_duration
 from bertforge.data.masking import IGNORE_INDEX, MaskingConfig
 from bertforge.errors import require
 from bertforge.model.bert import BertConfig
@@ -403,8 +403,6 @@ def main(cfg: DistillRunConfig) -> dict:
     model = DistillationModel(student, teacher, cfg.loss, regression=bool(spec and spec.is_regression))
     device_type = "cuda" if torch.cuda.is_available() and t.device != "cpu" else "cpu"
     optimizer = build_optimizer(model, cfg.optim, device_type)
-    from bertforge.config import parse_duration
-
     scheduler = build_schedule(optimizer, cfg.optim, t.max_steps, budget_seconds=parse_duration(t.time_budget))
     task_name = spec.name if spec else None
     meta = {"task": task_name, "teacher": str(cfg.teacher), "teacher_layers": layers}
