@@ -22,6 +22,8 @@ from typing import NamedTuple
 
 from bertforge import __version__
 from bertforge.errors import BertforgeError
+from bertforge.train import finetune_cli as ft
+from bertforge.train import sentence_cli as st
 
 EXIT_USAGE = 2
 OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+=")
@@ -286,6 +288,13 @@ COMMANDS: dict[str, Command] = {
         "plot and compare runs: loss, accuracy and LR curves (PNG), markdown/CSV tables",
         "bertforge.report:add_report_arguments", "bertforge.report:run_report",
         "  bertforge report runs/adamw runs/lamb runs/adafactor --out report"),
+    "finetune": Command(ft.FINETUNE_HELP, ft.add_finetune_arguments, ft.run_finetune, ft.FINETUNE_EXAMPLES),
+    "evaluate": Command(ft.EVALUATE_HELP, ft.add_evaluate_arguments, ft.run_evaluate, ft.EVALUATE_EXAMPLES),
+    "predict": Command(ft.PREDICT_HELP, ft.add_predict_arguments, ft.run_predict, ft.PREDICT_EXAMPLES),
+    "sentence-train": Command(st.SENTENCE_HELP, st.add_sentence_train_arguments, st.run_sentence_train,
+                              st.SENTENCE_EXAMPLES),
+    "sts-eval": Command(st.STS_HELP, st.add_sts_eval_arguments, st.run_sts_eval, st.STS_EXAMPLES),
+    "distill": Command(st.DISTILL_HELP, st.add_distill_arguments, st.run_distill, st.DISTILL_EXAMPLES),
 }
 
 

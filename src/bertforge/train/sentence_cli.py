@@ -1,11 +1,6 @@
 """`bertforge sentence-train`, `bertforge sts-eval`, `bertforge distill`: argument tables and runners.
 
-The CLI owner adds three rows to `cli.COMMANDS`:
-
-    "sentence-train": Command(SENTENCE_HELP, add_sentence_train_arguments, run_sentence_train, SENTENCE_EXAMPLES),
-    "sts-eval": Command(STS_HELP, add_sts_eval_arguments, run_sts_eval, STS_EXAMPLES),
-    "distill": Command(DISTILL_HELP, add_distill_arguments, run_distill, DISTILL_EXAMPLES),
-
+Rows in `cli.COMMANDS` point here; this module imports no torch at load time (fast `--help`).
 The work lives in `bertforge.train.sentence` and `bertforge.train.distill`. Settings layer as:
 defaults <- `--config FILE` <- the flags below <- dotted `KEY=VALUE` overrides of any config field
 (e.g. `loss.scale=30` or `student.teacher_layers=[0,3]`).
