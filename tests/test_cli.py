@@ -50,10 +50,10 @@ def assert_user_error(rc: int, err: str, *needles: str) -> None:
 
 @pytest.fixture(scope="module")
 def quickstart_dir(tmp_path_factory) -> tuple[Path, str]:
-    """One small quickstart run (stdlib corpus capped at 0.3 MB, tiny model) shared by the tests."""
+    """One small quickstart run (stdlib corpus capped at 0.3 MB, tiny model, 15 s of pretraining)."""
     out = tmp_path_factory.mktemp("qs") / "run"
     rc, stdout, err = run("quickstart", "--out", out, "--max-mb", "0.3", "--vocab-size", "2000",
-                          "--preset", "tiny")
+                          "--preset", "tiny", "--minutes", "0.25")
     assert rc == 0, err
     return out, stdout
 
@@ -134,9 +134,16 @@ def test_os_errors_from_a_command_become_one_line(monkeypatch):
 
 def test_quickstart_end_to_end(quickstart_dir):
     out, stdout = quickstart_dir
-    for step in ("corpus", "tokenizer", "model", "forward", "save", "export-hf", "verify"):
+    for step in ("corpus", "tokenizer", "prepare", "pretrain", "evaluate", "predictions", "export-hf", "verify"):
         assert f"] {step} " in stdout
     assert "done in" in stdout and "written:" in stdout
+    curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in curve if "loss" in r]
+    assert len(losses) >= 2 and losses[-1] < losses[0]  # pretraining moved the loss
+    summary = json.loads((out / "summary.json").read_text())
+    assert f"accuracy {summary['eval_accuracy']:.1%}" in stdout
+    page = (out / "masked-predictions.html").read_text(encoding="utf-8")
+    assert "<html" in page.lower() and "predicted right" in stdout
     corpus = out / "corpus" / "python_docs.txt"
     assert 0 < corpus.stat().st_size <= 300_000
     for f in ("tokenizer/vocab.txt", "tokenizer/tokenizer.json", "model-hf/config.json",
@@ -171,7 +178,7 @@ def test_quickstart_on_user_corpus_reports_the_cap(shared_data, tmp_path):
     text = tmp_path / "wiki.txt"
     text.write_bytes((shared_data / "wikitext-2-raw" / "wiki.valid.raw").read_bytes()[:200_000])
     rc, stdout, err = run("quickstart", "--corpus", text, "--out", tmp_path / "qs", "--max-mb", "0.1",
-                          "--vocab-size", "1000", "--preset", "tiny")
+                          "--vocab-size", "1000", "--preset", "tiny", "--minutes", "0.1")
     assert rc == 0, err
     assert "stopped at the --max-mb 0.1 cap" in stdout
     assert (tmp_path / "qs" / "corpus" / "corpus.txt").stat().st_size <= 100_000
@@ -232,7 +239,7 @@ def test_fill_mask_top_k_matches_the_model(quickstart_dir):
 def test_fill_mask_bad_text_or_no_mlm_head(quickstart_dir, minilm):
     assert_user_error(*run("fill-mask", quickstart_dir[0] / "model", "no mask here")[::2], "[MASK]")
     too_long = "word " * 600 + "[MASK]"
-    assert_user_error(*run("fill-mask", quickstart_dir[0] / "model", too_long)[::2], "512 positions")
+    assert_user_error(*run("fill-mask", quickstart_dir[0] / "model", too_long)[::2], "128 positions")
     assert_user_error(*run("fill-mask", minilm, "the [MASK] is blue.")[::2], "no masked-LM head",
                       str(minilm))
 

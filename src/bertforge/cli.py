@@ -78,6 +78,8 @@ def add_quickstart_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="mini", choices=("tiny", "mini", "small"),
                    help="model shape (default: %(default)s: 4 layers, hidden 256)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--minutes", type=float, default=2.0, metavar="M",
+                   help="pretraining wall-clock budget in minutes (default: %(default)s)")
 
 
 def run_quickstart(args: argparse.Namespace) -> int:
@@ -85,7 +87,8 @@ def run_quickstart(args: argparse.Namespace) -> int:
     from bertforge.quickstart import run_quickstart as run
 
     run(QuickstartOptions(corpus=args.corpus, out=args.out, vocab_size=args.vocab_size,
-                          max_mb=args.max_mb, preset=args.preset, seed=args.seed))
+                          max_mb=args.max_mb, preset=args.preset, seed=args.seed,
+                          minutes=args.minutes))
     return 0
 
 

@@ -6,15 +6,19 @@ per step, then where everything was written and what to try next. Later stages o
 (prepare -> pretrain -> fine-tune -> serve) are added as further rows of `STEPS`.
 
 Steps now: corpus (the Python standard library's docstrings and comments by default, or --corpus,
-capped at --max-mb) -> WordPiece tokenizer -> a BertForMaskedLM with the vocabulary padded to a
-multiple of 64 -> forward pass and MLM loss on masked corpus sentences (untrained, so the loss is
-near chance, ln V) -> save in our format -> export to Hugging Face format -> read both back.
+capped at --max-mb) -> WordPiece tokenizer -> prepare (packed 128-token shards, a held-out split)
+-> pretrain a small BERT (masked LM, --minutes of wall clock, one-cycle LR over the budget) ->
+held-out MLM loss, accuracy and perplexity -> the model's predictions at masked positions of a held-out
+passage, marked right/wrong (terminal + HTML) -> export to Hugging Face format -> read both back.
+The quickstart folder is itself a run directory: `bertforge report` and `bertforge inspect` read it.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,10 +27,9 @@ from pathlib import Path
 from bertforge.errors import BertforgeError
 
 MARKER = ".bertforge-quickstart"  # marks a folder quickstart may overwrite on a rerun
-OWNED = ("corpus", "tokenizer", "model", "model-hf")
-NUM_SENTENCES = 8
-MASK_RATE = 0.15
-MAX_TOKENS = 128
+OWNED = ("corpus", "tokenizer", "data", "checkpoints", "model", "model-hf", "config.json", "metrics.jsonl",
+         "summary.json", "masked-predictions.html")
+SEQ_LEN = 128
 
 
 @dataclass
@@ -37,6 +40,7 @@ class QuickstartOptions:
     max_mb: float = 1.0
     preset: str = "mini"
     seed: int = 0
+    minutes: float = 2.0  # pretraining wall-clock budget
 
 
 @dataclass
@@ -47,8 +51,8 @@ class Context:
     out: Path
     corpus_file: Path | None = None
     tokenizer: object | None = None
-    model: object | None = None
-    batch: dict | None = None  # input_ids, attention_mask, labels of the forward step
+    summary: dict | None = None  # of the pretraining run
+    batch: dict | None = None  # input_ids, attention_mask, logits of a held-out row (verify compares them)
     written: list[tuple[str, Path, str]] = field(default_factory=list)  # (name, path, what)
 
     def wrote(self, name: str, path: Path, what: str) -> None:
@@ -110,80 +114,83 @@ def step_tokenizer(ctx: Context) -> str:
     return f"{tok.vocab_size:,} WordPiece tokens; {example!r} -> {' '.join(tok.tokenize(example))}"
 
 
-def step_model(ctx: Context) -> str:
+def step_prepare(ctx: Context) -> str:
+    from bertforge.data.shards import PrepareConfig, prepare
+
+    summary = prepare(PrepareConfig(sources=[str(ctx.corpus_file)], output=str(ctx.out / "data"),
+                                    tokenizer=str(ctx.out / "tokenizer"), seq_len=SEQ_LEN, val_fraction=0.05,
+                                    seed=ctx.opts.seed, num_workers=0, show_progress=False))
+    ctx.wrote("data", ctx.out / "data", f"{SEQ_LEN}-token packed shards + manifest.json")
+    splits = summary["splits"]
+    return (f"{summary['documents']:,} documents, {summary['tokens']:,} tokens -> {splits['train']['sequences']:,} "
+            f"training and {splits['val']['sequences']:,} held-out rows of {SEQ_LEN} tokens")
+
+
+def step_pretrain(ctx: Context) -> str:
+    from bertforge.config import load_run_config
+    from bertforge.train.pretrain import PretrainRunConfig, main
+
+    cfg = load_run_config(PretrainRunConfig, overrides=[
+        f"model.preset={ctx.opts.preset}", f"model.max_position_embeddings={SEQ_LEN}",
+        f"data.path={ctx.out / 'data'}", f"train.output_dir={ctx.out}", f"train.seed={ctx.opts.seed}",
+        f"train.time_budget={ctx.opts.minutes * 60:.1f}", "train.batch_size=16", "train.log_every=1",
+        "train.eval_every_minutes=1", "train.progress=false", "optim.schedule=time", "optim.lr=1e-3",
+        "optim.warmup_ratio=0.1", "data.eval_batches=8"])
+    ctx.summary = main(cfg)
+    ctx.wrote("run", ctx.out, "config.json, metrics.jsonl (loss curve), checkpoints/, summary.json")
+    ctx.wrote("model", ctx.out / "model", "the pretrained model in our format, with its tokenizer")
+    losses = _losses(ctx.out / "metrics.jsonl")
+    return (f"'{ctx.opts.preset}' for {ctx.summary['elapsed']:.0f} s: {ctx.summary['step']:,} steps, "
+            f"{ctx.summary['tokens']:,} tokens, training loss {losses[0]:.2f} -> {losses[-1]:.2f}")
+
+
+def _held_out_rows(ctx: Context):
+    from bertforge.data.dataset import PackedDataset
+
+    return PackedDataset(ctx.out / "data", "val")
+
+
+def _losses(path: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+
+
+def step_evaluate(ctx: Context) -> str:
+    s = ctx.summary
+    chance = math.log(ctx.tokenizer.vocab_size)
+    return (f"held-out MLM loss {s['eval_loss']:.2f} (chance ln V = {chance:.2f}), accuracy "
+            f"{s['eval_accuracy']:.1%} on {s['eval_masked_tokens']:,} masked tokens, perplexity {s['eval_perplexity']:,.0f}")
+
+
+def step_predictions(ctx: Context) -> str:
     import torch
 
-    from bertforge.inference import count_parameters
-    from bertforge.model.bert import BertConfig, pad_vocab_size
-    from bertforge.model.heads import BertForMaskedLM
+    from bertforge.inspect_mlm import accuracy, masked_predictions, render_html, render_terminal
+    from bertforge.model.loading import load_model
 
-    tok = ctx.tokenizer
-    config = BertConfig.from_preset(ctx.opts.preset, vocab_size=pad_vocab_size(tok.vocab_size),
-                                    pad_token_id=tok.pad_token_id)
-    torch.manual_seed(ctx.opts.seed)
-    ctx.model = BertForMaskedLM(config).eval()
-    total, non_emb = count_parameters(ctx.model)
-    vocab = (f"vocab {tok.vocab_size:,} padded to {config.vocab_size:,}" if config.vocab_size != tok.vocab_size
-             else f"vocab {tok.vocab_size:,} (a multiple of 64 already)")
-    return (f"BertForMaskedLM '{ctx.opts.preset}': {config.num_hidden_layers} layers, hidden "
-            f"{config.hidden_size}, {vocab}; "
-            f"{total / 1e6:.2f}M parameters ({non_emb / 1e6:.2f}M non-embedding)")
-
-
-def step_forward(ctx: Context) -> str:
-    import torch
-
-    tok, model = ctx.tokenizer, ctx.model
-    sentences = pick_sentences(ctx.corpus_file, NUM_SENTENCES)
-    encs = tok.encode_batch(sentences, max_length=MAX_TOKENS, truncation="longest_first")
-    T = max(len(e.input_ids) for e in encs)
-    ids = torch.full((len(encs), T), tok.pad_token_id)  # (B, T)
-    attention = torch.zeros_like(ids)
-    for i, e in enumerate(encs):
-        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        attention[i, : len(e.input_ids)] = 1
-    gen = torch.Generator().manual_seed(ctx.opts.seed)
-    maskable = attention.bool() & ~torch.isin(ids, torch.tensor(sorted(tok.special_ids)))
-    chosen = maskable & (torch.rand(ids.shape, generator=gen) < MASK_RATE)
-    if not chosen.any():  # very short sentences: mask one token so the loss is defined
-        chosen.view(-1)[maskable.view(-1).nonzero()[0]] = True
-    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
-    masked = torch.where(chosen, torch.full_like(ids, tok.mask_token_id), ids)
+    loaded = load_model(ctx.out / "model")
+    row = _held_out_rows(ctx).rows([0])[0]
+    ids = [int(t) for t in row if int(t) != ctx.tokenizer.pad_token_id]
+    records = masked_predictions(loaded.model, ctx.tokenizer, ids, mask_rate=0.15, seed=ctx.opts.seed)
+    page = ctx.out / "masked-predictions.html"
+    page.write_text(render_html(records, "bertforge quickstart: held-out predictions"), encoding="utf-8")
+    ctx.wrote("view", page, "the held-out passage with predictions marked right/wrong")
+    right, total = accuracy(records)
     with torch.inference_mode():
-        logits = model(masked, attention_mask=attention).logits  # (B, T, V)
-        loss = model(masked, attention_mask=attention, labels=labels).loss
-    ctx.batch = {"input_ids": masked, "attention_mask": attention, "logits": logits}
-    chance = math.log(tok.vocab_size)
-    return (f"{len(sentences)} corpus sentences, batch {tuple(ids.shape)} -> logits {tuple(logits.shape)}; "
-            f"MLM loss {loss.item():.2f} on {int(chosen.sum())} masked tokens (untrained, so near "
-            f"chance ln {tok.vocab_size} = {chance:.2f})")
+        x = torch.tensor([ids])
+        ctx.batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "logits": loaded.model(x).logits}
+    view = render_terminal(records, color=sys.stdout.isatty())
+    return f"{right}/{total} masked tokens of a held-out passage predicted right\n{_indent(view)}"
 
 
-def pick_sentences(path: Path, n: int) -> list[str]:
-    """n lines of 8-60 words spread evenly over the corpus file (any non-empty lines if too few)."""
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    good = [ln for ln in lines if 8 <= len(ln.split()) <= 60] or lines
-    if not good:
-        raise BertforgeError(f"corpus '{path}' has no text lines: pass a corpus with text")
-    stride = max(1, len(good) // n)
-    return good[::stride][:n]
-
-
-def step_save(ctx: Context) -> str:
-    from bertforge.model.loading import save_model
-
-    path = ctx.out / "model"
-    save_model(ctx.model, path, tokenizer=ctx.tokenizer, meta={"created_by": "bertforge quickstart",
-                                                                 "pretrained": False})
-    ctx.wrote("model", path, "our format (safetensors + config), with its tokenizer")
-    return f"saved to {path} ({_size_mb(path):.1f} MB)"
+def _indent(text: str) -> str:
+    return "\n".join("      " + line for line in text.splitlines())
 
 
 def step_export(ctx: Context) -> str:
-    from bertforge.model.loading import export_hf
+    from bertforge.model.loading import export_hf, load_model
 
     path = ctx.out / "model-hf"
-    export_hf(ctx.model, path, tokenizer=ctx.tokenizer)
+    export_hf(load_model(ctx.out / "model").model, path, tokenizer=ctx.tokenizer)
     ctx.wrote("model-hf", path, "Hugging Face format (transformers' BertForMaskedLM loads it)")
     return f"exported to {path} ({_size_mb(path):.1f} MB)"
 
@@ -216,9 +223,10 @@ def _size_mb(path: Path) -> float:
 STEPS: list[Step] = [
     Step("corpus", step_corpus),
     Step("tokenizer", step_tokenizer),
-    Step("model", step_model),
-    Step("forward", step_forward),
-    Step("save", step_save),
+    Step("prepare", step_prepare),
+    Step("pretrain", step_pretrain),
+    Step("evaluate", step_evaluate),
+    Step("predictions", step_predictions),
     Step("export-hf", step_export),
     Step("verify", step_verify),
 ]
@@ -236,13 +244,17 @@ def prepare_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by bertforge quickstart; rerunning it replaces this folder's parts\n")
     for name in OWNED:
-        if (out / name).exists():
+        if (out / name).is_dir():
             shutil.rmtree(out / name)
+        elif (out / name).exists():
+            (out / name).unlink()
 
 
 def check_options(opts: QuickstartOptions) -> None:
     if opts.max_mb <= 0:
         raise BertforgeError(f"--max-mb {opts.max_mb} must be positive: pass e.g. --max-mb 1")
+    if opts.minutes <= 0:
+        raise BertforgeError(f"--minutes {opts.minutes} must be positive: pass e.g. --minutes 2")
     if opts.vocab_size < 128:
         raise BertforgeError(f"--vocab-size {opts.vocab_size} is too small: pass at least 128")
 
@@ -276,6 +288,8 @@ def print_summary(ctx: Context, echo: Callable[..., None] = print) -> None:
     model = ctx.out / "model"
     echo("\nnext:")
     echo(f"  bertforge info {model}")
-    echo(f"  bertforge fill-mask {model} \"return the [MASK] of items.\"   (untrained: random guesses)")
+    echo(f"  bertforge fill-mask {model} \"return the [MASK] of the list.\"")
+    echo(f"  bertforge inspect {ctx.out} --data {ctx.out / 'data'} --html view.html")
+    echo(f"  bertforge report {ctx.out} --out {ctx.out}-report")
     echo(f"  python -c \"from transformers import AutoModelForMaskedLM as M; "
          f"print(M.from_pretrained('{ctx.out / 'model-hf'}').num_parameters())\"   (with transformers)")
