@@ -206,6 +206,7 @@ def test_mlm_distillation_loss_at_masked_positions(sst2_tokenizer):
     assert float(out.loss) == pytest.approx(float(expected), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_mlm_distillation_on_prepared_shards(sst2_tokenizer, tmp_path):
     from bertforge.data.shards import PrepareConfig, prepare
     from bertforge.model.loading import save_model

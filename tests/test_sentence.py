@@ -183,6 +183,7 @@ def trained_dir(shared_data, tiny_model_dir, tmp_path_factory):
     return root / "run", main(cfg)
 
 
+@pytest.mark.slow
 def test_cosent_run_reports_sts_and_threshold(trained_dir):
     run, metrics = trained_dir
     assert -100 <= metrics["eval_spearman"] <= 100 and -100 <= metrics["eval_pearson"] <= 100
