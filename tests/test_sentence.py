@@ -294,10 +294,12 @@ def test_cli_sentence_train_and_sts_eval_with_calibration(shared_data, tiny_mode
     assert cli(add_sentence_train_arguments, run_sentence_train, [
         "--model", tiny_model_dir, "--train", shared_data / "sick" / "SICK_train.txt", "--loss", "cosine",
         "--dev", shared_data / "sick" / "SICK_trial.txt", "--output", tmp_path / "run", "--max-steps", 2,
-        "--batch-size", 8, "--no-progress", "data.limit=64", "data.eval_limit=32"]) == 0
+        "--batch-size", 8, "--lr", 1e-4, "--no-progress", "data.limit=64", "data.eval_limit=32"]) == 0
     out = capsys.readouterr().out
     assert "eval_spearman" in out and (tmp_path / "run" / "model" / "modules.json").is_file()
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["limit"] == 64
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["data"]["limit"] == 64 and saved["optim"]["lr"] == 1e-4
+    assert saved["optim"]["warmup_ratio"] == 0.1 and saved["train"]["best_metric"] == "eval_spearman"  # run defaults kept
     model = tmp_path / "run" / "model"
     assert cli(add_sts_eval_arguments, run_sts_eval, [
         "--model", model, "--data", shared_data / "stsb" / "dev.tsv", "--limit", 50, "--calibrate",
