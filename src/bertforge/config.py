@@ -176,8 +176,15 @@ def deep_merge(base: dict, extra: dict) -> dict:
 
 def load_run_config(cls: type[T], *, file: str | Path | None = None, overrides: list[str] | None = None,
                     base: dict | None = None) -> T:
-    """defaults <- base dict <- file <- dotted overrides, validated into `cls`."""
-    data: dict = dict(base or {})
+    """defaults <- base dict <- file <- dotted overrides, validated into `cls`.
+
+    Starting from the class's own defaults keeps a section's other fields when only one is given
+    (`optim.lr=1e-3` leaves the run's warmup as it was)."""
+    try:
+        defaults = config_to_dict(cls())
+    except TypeError:  # a class with required fields: no defaults to start from
+        defaults = {}
+    data: dict = deep_merge(defaults, base or {})
     if file is not None:
         data = deep_merge(data, read_config_file(file))
     for item in overrides or []:

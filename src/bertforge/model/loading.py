@@ -355,7 +355,9 @@ def _fit(sd: dict[str, torch.Tensor], config: BertConfig, saved_head: str, saved
     target = hf_compat.add_prefix(model.state_dict())
 
     def required(k: str) -> bool:  # must come from the checkpoint
-        return (k.startswith("bert.") and not k.startswith("bert.pooler.")) or (same and k in owned)
+        if k.startswith("bert.pooler."):  # a bare encoder may be saved without it: initialised, reported
+            return same and k in owned and head != "base"
+        return k.startswith("bert.") or (same and k in owned)
 
     fits = {k for k in sd if k in target and sd[k].shape == target[k].shape}
     unexpected = [k for k in sd if k not in owned or (same and k not in target)] if strict_extra else []
