@@ -83,16 +83,21 @@ def plan_batches(lengths: np.ndarray, batch_size: int, max_tokens: int) -> list[
     """Index batches over texts of token counts `lengths`, longest texts first.
 
     Texts are sorted by length; a batch takes texts while it has at most `batch_size` of them and its
-    padded size (count x longest) stays within `max_tokens`. A text longer than the budget gets a
-    batch of its own. Sorting by exact length keeps padding small; runs of equal length get no mask.
+    padded size (count x longest) stays within `max_tokens` (a text longer than the budget gets a
+    batch of its own). A batch also ends where the length changes once it is at least half full, so
+    most batches hold texts of one length: no padding, no attention mask.
     """
     order = np.argsort(-lengths, kind="stable")  # longest first: any memory problem shows at once
-    batches, start, n = [], 0, len(order)
-    while start < n:
-        longest = int(lengths[order[start]])
-        size = max(1, min(batch_size, max_tokens // max(longest, 1), n - start))
-        batches.append(order[start:start + size])
-        start += size
+    batches, start, cap = [], 0, 1
+    for pos in range(len(order)):
+        size = pos - start
+        if size == 0:
+            cap = max(1, min(batch_size, max_tokens // max(int(lengths[order[pos]]), 1)))
+        elif size == cap or (2 * size >= cap and lengths[order[pos]] != lengths[order[pos - 1]]):
+            batches.append(order[start:pos])
+            start, cap = pos, max(1, min(batch_size, max_tokens // max(int(lengths[order[pos]]), 1)))
+    if start < len(order):
+        batches.append(order[start:])
     return batches
 
 
