@@ -295,3 +295,16 @@ def test_from_pretrained_rejects_unsupported_pooling(minilm, tmp_path):
     cfg_file.write_text(json.dumps(cfg))
     with pytest.raises(BertforgeError, match="pooling mode other than"):
         SentenceEncoder.from_pretrained(tmp_path / "st")
+
+
+def test_loads_a_folder_saved_by_the_installed_sentence_transformers(minilm, shared_data, tmp_path):
+    """sentence-transformers 6 writes new module type names and `pooling_mode`; older ones the flags."""
+    from bertforge.wordpiece import WordPieceTokenizer
+
+    _, _, _, st_model = minilm
+    st_model.save(str(tmp_path / "saved"))
+    encoder = SentenceEncoder.from_pretrained(tmp_path / "saved")
+    assert (encoder.pooling, encoder.normalize, encoder.max_seq_length) == ("mean", True, 256)
+    texts = stsb_sentences(shared_data, 20)
+    ours = encoder.encode(texts, WordPieceTokenizer.from_pretrained(tmp_path / "saved"))
+    assert (ours - st_encode(st_model, texts)).abs().max().item() <= TOL

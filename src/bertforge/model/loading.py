@@ -243,26 +243,37 @@ def _locate(root: Path) -> tuple[Path, dict | None]:
         return root, None
     modules = _read_json(modules_file)
     types = [str(m.get("type", "")) for m in modules] if isinstance(modules, list) else []
-    transformers_ = [m for m, t in zip(modules, types) if t.endswith("models.Transformer")]
+    kinds = [t.rsplit(".", 1)[-1] for t in types]  # "...models.Transformer" (v2-v5), "...modules.transformer.Transformer" (v6)
+    transformers_ = [m for m, k in zip(modules, kinds) if k == "Transformer"]
     if len(transformers_) != 1:
         raise BertforgeError(f"'{modules_file}' lists {len(transformers_)} Transformer modules: a "
                              f"sentence-transformers BERT model has exactly one")
     model_dir = root / transformers_[0].get("path", "")
-    meta: dict = {"modules": types, "normalize": any(t.endswith("models.Normalize") for t in types)}
-    pooling = [root / m.get("path", "") / CONFIG_NAME for m, t in zip(modules, types)
-               if t.endswith("models.Pooling")]
+    meta: dict = {"modules": types, "normalize": "Normalize" in kinds}
+    pooling = [root / m.get("path", "") / CONFIG_NAME for m, k in zip(modules, kinds) if k == "Pooling"]
     if pooling and pooling[0].is_file():
         cfg = _read_json(pooling[0])
-        modes = [m for m in ("cls", "mean", "max") if cfg.get(f"pooling_mode_{m}_token" if m == "cls" else
-                                                             f"pooling_mode_{m}_tokens")]
-        others = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v
-                  and k not in ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens")]
         meta["pooling_config"] = cfg
-        meta["pooling"] = modes[0] if len(modes) == 1 and not others else None  # None: a mode we lack
+        meta["pooling"] = _pooling_mode(cfg)
     sbert = model_dir / "sentence_bert_config.json"
     if sbert.is_file():
         meta["max_seq_length"] = _read_json(sbert).get("max_seq_length")
+    if meta.get("max_seq_length") is None and (model_dir / "tokenizer_config.json").is_file():
+        meta["max_seq_length"] = _read_json(model_dir / "tokenizer_config.json").get("model_max_length")
     return model_dir, meta
+
+
+def _pooling_mode(cfg: dict) -> str | None:
+    """cls / mean / max from a Pooling config (v6 `pooling_mode`, or the older boolean flags); None when
+    it asks for a mode we lack (e.g. mean_sqrt_len) or several at once."""
+    if "pooling_mode" in cfg:
+        mode = {"cls": "cls", "mean": "mean", "max": "max"}.get(str(cfg["pooling_mode"]))
+        return mode
+    modes = [m for m in ("cls", "mean", "max")
+             if cfg.get("pooling_mode_cls_token" if m == "cls" else f"pooling_mode_{m}_tokens")]
+    others = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v
+              and k not in ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens")]
+    return modes[0] if len(modes) == 1 and not others else None
 
 
 def _read_json(path: Path) -> Any:
