@@ -14,17 +14,19 @@ import torch
 from bertforge.errors import BertforgeError
 from bertforge.train.loop import TrainConfig
 from bertforge.train.sentence import (
-    CoSENTLoss,
-    CosineSimilarityLoss,
-    MultipleNegativesRankingLoss,
     SentenceRunConfig,
     SentenceTrainingModel,
-    SoftmaxLoss,
     calibrate_threshold,
     is_similar,
     main,
     no_duplicate_batches,
     sts_eval,
+)
+from bertforge.train.sentence_losses import (
+    CoSENTLoss,
+    CosineSimilarityLoss,
+    MultipleNegativesRankingLoss,
+    SoftmaxLoss,
 )
 
 
