@@ -27,8 +27,9 @@ from bertforge.model.bert import BertConfig, pad_vocab_size
 from bertforge.model.heads import BertForMaskedLM
 from bertforge.model.loading import load_model, save_model
 from bertforge.train import finetune
-from bertforge.train.evaluate import evaluate, get_task_adapter, hub_to_file, predict
+from bertforge.train.evaluate import evaluate, predict
 from bertforge.train.finetune import ExampleBatches, load_finetune_config, main
+from bertforge.train.tasks import get_task_adapter, hub_to_file
 from bertforge.wordpiece import WordPieceTokenizer
 
 
