@@ -3,9 +3,10 @@
 Both models get identical weights (ours exported through the HF key table), the same packed rows of
 real text (the shared Wikipedia file, tokenized with the bert-base-uncased vocabulary of
 all-MiniLM-L6-v2) and the same dynamic masks. One training step = forward + backward + AdamW step,
-fp32, `--threads` threads. Timing alternates the two implementations step by step so machine load
-hits both alike; the median step time is reported. Peak memory is each implementation's own
-process peak RSS (VmHWM, reset through /proc/self/clear_refs at the child's start, since a spawned
+fp32, `--threads` threads. Both use torch's fused AdamW, each library's default (bertforge's
+`build_optimizer`; the `transformers` Trainer's `adamw_torch_fused` for torch >= 2.8). Timing
+alternates the two implementations step by step so machine load hits both alike; the median step
+time is reported. Peak memory is each implementation's own process peak RSS (VmHWM, reset through /proc/self/clear_refs at the child's start, since a spawned
 child otherwise inherits its parent's high-water mark), measured in a fresh subprocess that runs
 only that model; `rss_before` is its RSS once data and model are built.
 
@@ -106,7 +107,7 @@ def run_one(impl: str, preset: str, batch: int, seq_len: int, steps: int) -> dic
     ours, hf = build(preset, tok.vocab_size)
     model = ours if impl == "ours" else hf
     del ours, hf
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     before = peak_rss_mb()
     step = step_fn(model, b, opt)
     for _ in range(steps):
@@ -121,8 +122,8 @@ def compare(preset: str, batch: int, seq_len: int, steps: int, threads: int) -> 
     ours.train(), hf.train()
     with torch.no_grad():  # same weights, same masks: same loss
         diff = abs(float(ours(**b).loss) - float(hf(**b).loss))
-    opt_o = torch.optim.AdamW(ours.parameters(), lr=1e-4, foreach=True)
-    opt_h = torch.optim.AdamW(hf.parameters(), lr=1e-4, foreach=True)
+    opt_o = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
+    opt_h = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)
     so, sh = step_fn(ours, b, opt_o), step_fn(hf, b, opt_h)
     so(), sh()  # warm-up
     times_o, times_h = [], []

@@ -214,3 +214,34 @@ def test_too_long_input_raises():
     model(torch.ones(1, 16, dtype=torch.long))  # exactly the limit is fine
     with pytest.raises(BertforgeError, match="max_position_embeddings 16"):
         model(torch.ones(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("norm_position,ffn", [("post", "mlp"), ("pre", "geglu")])
+def test_sparse_last_layer_equals_full_encoder_loss_and_gradients(norm_position, ffn):
+    """BertForMaskedLM with labels runs its last layer at the masked rows only; the loss and every
+    gradient equal the full encoder followed by the gather (pre- and post-LN, padded rows)."""
+    config = tiny(norm_position=norm_position, ffn=ffn)
+    torch.manual_seed(0)
+    model = BertForMaskedLM(config)
+    ids, mask, types = padded_batch()
+    labels = torch.full_like(ids, -100)
+    labels[0, [0, 5, 8]] = torch.tensor([7, 8, 9])
+    labels[1, 2] = 11
+    labels[2, [3, 6]] = torch.tensor([12, 13])
+    sparse = model(ids, mask, types, labels=labels)
+    sparse.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    full = model.bert(ids, mask, types).last_hidden_state  # (B, T, H), every layer in full
+    weight = model.bert.embeddings.word_embeddings.weight
+    logits = model.cls(full[labels != -100], weight)
+    ref = F.cross_entropy(logits, labels[labels != -100])
+    ref.backward()
+    assert abs(sparse.loss.item() - ref.item()) <= TOL
+    assert max_diff(sparse.logits, logits) <= TOL
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            assert max_diff(grads[n], p.grad) <= TOL, n
+    with_states = model(ids, mask, types, labels=labels, output_hidden_states=True)  # the full path
+    assert abs(with_states.loss.item() - ref.item()) <= TOL
+    assert with_states.hidden_states[-1].shape == (*ids.shape, config.hidden_size)

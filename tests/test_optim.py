@@ -172,8 +172,28 @@ def test_build_optimizer_groups(name):
         no_wd = build_optimizer(model, OptimConfig(optimizer=name, weight_decay=0.0), "cpu").param_groups
         assert no_wd[0]["adapt"] and not no_wd[1]["adapt"]  # adaptation follows the group, not the decay value
     if name == "adamw":
-        assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+        assert opt.defaults["fused"] is True  # the fused kernel on CPU too
         assert build_optimizer(model, OptimConfig(), "cuda").defaults["fused"] is True
+
+
+def test_fused_cpu_adamw_steps_like_the_reference_loop():
+    """Our CPU AdamW (fused kernel) makes the same updates as torch's single-tensor reference."""
+    torch.manual_seed(0)
+    model, ref = TinyBert(), TinyBert()
+    ref.load_state_dict(model.state_dict())
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1, schedule="constant")
+    opt = build_optimizer(model, cfg, "cpu")
+    ref_opt = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in
+                                 build_optimizer(ref, cfg, "cpu").param_groups],
+                                lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False)
+    ids = torch.randint(0, 50, (4, 16))
+    for _ in range(5):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            m(ids).square().mean().backward()
+            o.step()
+    for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+        assert (a - b).abs().max().item() <= 1e-6, n
 
 
 @pytest.mark.parametrize("name", ["adamw", "lamb", "adafactor"])

@@ -145,8 +145,8 @@ PRESETS: dict[str, BertConfig] = {
 
 @dataclass
 class EncoderOutput:
-    last_hidden_state: torch.Tensor  # (B, T, H)
-    pooler_output: torch.Tensor | None = None  # (B, H)
+    last_hidden_state: torch.Tensor  # (B, T, H); (M, H) at the kept positions with output_positions
+    pooler_output: torch.Tensor | None = None  # (B, H); None with output_positions
     hidden_states: tuple[torch.Tensor, ...] | None = None  # embeddings + each layer, each (B, T, H)
 
 
@@ -186,8 +186,10 @@ class SelfAttention(nn.Module):
         self.dropout_p = config.attention_probs_dropout_prob
         self.eager = config.attn_implementation == "eager"
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x (B, T, H); mask (B, 1, 1, T) bool, True where a key may be attended, or None."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, H); mask (B, 1, 1, T) bool, True where a key may be attended, or None.
+        Returns (B, T, H), or (M, H) at the M positions where `keep` (B, T) is True (row-major): every
+        position is still a key and value, but the output projection runs on the kept rows only."""
         B, T, H = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, H // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
         p = self.dropout_p if self.training else 0.0
@@ -195,7 +197,8 @@ class SelfAttention(nn.Module):
             y = eager_attention(q, k, v, mask, p)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, nh, T, hs)
-        return self.out(y.transpose(1, 2).reshape(B, T, H))
+        y = y.transpose(1, 2).reshape(B, T, H)
+        return self.out(y if keep is None else y[keep])  # (B, T, H) or (M, H)
 
 
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -245,11 +248,15 @@ class BertLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(H, eps=config.layer_norm_eps, bias=config.bias)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, H) -> (B, T, H), or (M, H) at the positions where `keep` (B, T) is True: attention reads
+        every position, the residual, output projection and feed-forward run on the kept rows only."""
         if self.pre_norm:
-            x = x + self.dropout(self.attention(self.attn_norm(x), mask))
+            a = self.attention(self.attn_norm(x), mask, keep)
+            x = (x if keep is None else x[keep]) + self.dropout(a)
             return x + self.dropout(self.ffn(self.ffn_norm(x)))
-        x = self.attn_norm(x + self.dropout(self.attention(x, mask)))
+        a = self.attention(x, mask, keep)
+        x = self.attn_norm((x if keep is None else x[keep]) + self.dropout(a))
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
 
@@ -279,7 +286,11 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                output_hidden_states: bool = False) -> EncoderOutput:
+                output_hidden_states: bool = False, output_positions: torch.Tensor | None = None) -> EncoderOutput:
+        """The encoder. `output_positions` (B, T) bool: return only those positions' final states, (M, H)
+        in row-major order, and run the last layer's projections and feed-forward on them alone (sparse
+        prediction: an MLM loss needs nothing else; no pooler output then). With output_hidden_states the
+        last layer runs in full and the kept rows are selected from it."""
         T = input_ids.shape[1]
         if T > self.config.max_position_embeddings:
             raise BertforgeError(
@@ -288,14 +299,19 @@ class BertModel(nn.Module):
         x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, H)
         mask = extended_attention_mask(attention_mask)
         hidden_states = [x] if output_hidden_states else None
-        for layer in self.layers:
-            x = layer(x, mask)
+        last = len(self.layers) - 1
+        sparse_last = output_positions is not None and not output_hidden_states
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, output_positions if sparse_last and i == last else None)
             if hidden_states is not None:
                 hidden_states.append(x)
         if self.final_norm is not None:
             x = self.final_norm(x)
             if hidden_states is not None:
                 hidden_states[-1] = x
+        if output_positions is not None:
+            x = x if sparse_last else x[output_positions]  # (M, H)
+            return EncoderOutput(x, None, tuple(hidden_states) if hidden_states is not None else None)
         pooled = torch.tanh(self.pooler(x[:, 0])) if self.pooler is not None else None  # (B, H)
         return EncoderOutput(x, pooled, tuple(hidden_states) if hidden_states is not None else None)
 

@@ -3,8 +3,10 @@ span QA and multiple choice. Each head is thin: the encoder, one small module, a
 
 The MLM decoder is tied to the word embeddings. With labels, logits are computed only at labelled
 positions (`labels != -100`), in row-major order: the vocabulary projection, the most expensive op of
-pretraining a small BERT, shrinks by the masking rate (about 7x at 15%). Without labels the full
-(B, T, V) logits come back, as Hugging Face's `BertForMaskedLM` returns them.
+pretraining a small BERT, shrinks by the masking rate (about 7x at 15%). `BertForMaskedLM` goes one
+step further (sparse prediction): its encoder's last layer runs its output projection and feed-forward
+only at those positions (`BertModel(output_positions=...)`), since nothing else reaches the loss.
+Without labels the full (B, T, V) logits come back, as Hugging Face's `BertForMaskedLM` returns them.
 """
 
 from __future__ import annotations
@@ -67,12 +69,13 @@ class MLMHead(nn.Module):
 
 def sparse_mlm(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor | None
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits at labelled positions only and their mean cross-entropy; full logits without labels."""
+    """Logits at labelled positions only and their mean cross-entropy; full logits without labels.
+    `hidden` is (B, T, H), or (M, H) when the encoder already kept only the labelled positions."""
     weight = model.bert.embeddings.word_embeddings.weight  # (V, H), tied decoder
     if labels is None:
         return model.cls(hidden, weight), None  # (B, T, V)
     keep = labels != IGNORE_INDEX  # (B, T)
-    logits = model.cls(hidden[keep], weight)  # (M, V)
+    logits = model.cls(hidden if hidden.dim() == 2 else hidden[keep], weight)  # (M, V)
     targets = labels[keep]  # (M,)
     if targets.numel() == 0:
         return logits, hidden.sum() * 0.0  # no masked token in this batch: zero loss, graph intact
@@ -89,7 +92,9 @@ class BertForMaskedLM(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
                 output_hidden_states: bool = False) -> PreTrainingOutput:
-        out = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states=output_hidden_states)
+        keep = labels != IGNORE_INDEX if labels is not None else None  # (B, T): the positions the loss reads
+        out = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states=output_hidden_states,
+                        output_positions=keep)
         logits, loss = sparse_mlm(self, out.last_hidden_state, labels)
         return PreTrainingOutput(loss=loss, mlm_loss=loss, logits=logits, hidden_states=out.hidden_states)
 

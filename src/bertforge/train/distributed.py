@@ -80,3 +80,10 @@ def mean_float(value: float, device: torch.device) -> float:
     if not is_distributed():
         return float(value)
     return _reduce(value, device, tdist.ReduceOp.SUM) / world_size()
+
+
+def max_float(value: float, device: torch.device) -> float:
+    """The largest value over ranks (the value itself without DDP)."""
+    if not is_distributed():
+        return float(value)
+    return _reduce(value, device, tdist.ReduceOp.MAX)

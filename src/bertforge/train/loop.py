@@ -41,6 +41,11 @@ class TrainConfig:
     output_dir: str = "runs/run"
     batch_size: int = 32  # per process, per micro-batch
     grad_accum: int = 1
+    # Batch-size ramp (optional): the effective batch per process (batch_size x micro-batches) grows
+    # linearly from batch_ramp_start to batch_size * grad_accum over the first batch_ramp share of the
+    # budget, in whole micro-batches. The micro-batch stays fixed, so the data position stays exact.
+    batch_ramp_start: int = 0  # 0 = no ramp; else a multiple of batch_size, <= batch_size * grad_accum
+    batch_ramp: float = 0.0  # share of the budget (steps, tokens or time) spent ramping
     max_steps: int | None = None  # optimizer steps
     max_tokens: int | None = None  # non-padding tokens seen, all processes
     time_budget: str | None = None  # wall clock, e.g. "1h", "45m"
@@ -69,6 +74,14 @@ class TrainConfig:
             raise BertforgeError("no stopping rule: set train.max_steps, train.max_tokens or train.time_budget")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise BertforgeError("train.batch_size and train.grad_accum must be at least 1")
+        if self.batch_ramp_start:
+            final = self.batch_size * self.grad_accum
+            if self.batch_ramp_start % self.batch_size or not 0 < self.batch_ramp_start <= final:
+                raise BertforgeError(f"train.batch_ramp_start={self.batch_ramp_start}: use a multiple of "
+                                     f"train.batch_size={self.batch_size} up to batch_size * grad_accum = {final}")
+            if not 0.0 < self.batch_ramp <= 1.0:
+                raise BertforgeError(f"train.batch_ramp={self.batch_ramp}: give the share of the budget to ramp "
+                                     "over, in (0, 1], e.g. 0.1")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -210,26 +223,42 @@ class Trainer:
         return self.progress() >= 1.0
 
     # ---------------------------------------------------------------- steps
-    def forward_backward(self, batch: dict, sync: bool) -> torch.Tensor:
-        """One micro-batch: forward under autocast, loss / grad_accum backward. Returns the detached loss."""
+    def forward_backward(self, batch: dict, sync: bool, accum: int | None = None) -> torch.Tensor:
+        """One micro-batch: forward under autocast, loss / accum backward (accum defaults to grad_accum).
+        Returns the detached loss."""
+        accum = accum or self.cfg.grad_accum
         ctx = contextlib.nullcontext() if sync or not hasattr(self.train_model, "no_sync") else self.train_model.no_sync()
         with ctx:
             with self.autocast():
                 out = self.train_model(**batch)
             loss = out.loss
-            self.scaler.scale(loss / self.cfg.grad_accum).backward()
+            self.scaler.scale(loss / accum).backward()
         return loss.detach()
 
+    def micro_batches(self) -> int:
+        """Micro-batches in the next optimizer step: grad_accum, or fewer while the batch-size ramp runs."""
+        cfg = self.cfg
+        if not cfg.batch_ramp_start:
+            return cfg.grad_accum
+        from bertforge.train.optim import batch_size_at
+
+        scale = 1_000_000  # progress in millionths: integer arithmetic, identical on every rank
+        effective = batch_size_at(int(self.progress() * scale), cfg.batch_ramp_start, cfg.batch_size * cfg.grad_accum,
+                                  int(cfg.batch_ramp * scale), multiple=cfg.batch_size)
+        return effective // cfg.batch_size
+
     def train_step(self) -> tuple[torch.Tensor, int]:
-        """grad_accum micro-batches, clip, optimizer and scheduler step. Returns (mean loss, tokens)."""
+        """Micro-batches (grad_accum, or the ramp's count), clip, optimizer and scheduler step.
+        Returns (mean loss, tokens)."""
         self.train_model.train()
         total = torch.zeros((), device=self.device)
         tokens = 0
-        for micro in range(self.cfg.grad_accum):
+        accum = self.micro_batches()
+        for micro in range(accum):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in self.batches.next_batch().items()}
             mask = batch.get("attention_mask")
             tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-            total += self.forward_backward(batch, sync=micro == self.cfg.grad_accum - 1)
+            total += self.forward_backward(batch, sync=micro == accum - 1, accum=accum)
         if self.clip_grad_norm:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
@@ -240,7 +269,7 @@ class Trainer:
             self.scheduler.step()  # step-indexed schedules; budget schedules are set before the step
         self.step += 1
         self.tokens += dist.sum_int(tokens, self.device)
-        return total / self.cfg.grad_accum, tokens
+        return total / accum, tokens
 
     def set_lr_progress(self) -> None:
         """Schedules that follow the budget (time-based) get the current progress before each step."""
@@ -315,7 +344,9 @@ class Trainer:
                 loss, tokens = self.train_step()
                 window_loss.append(loss)
                 window_tokens += tokens
-                self.elapsed = elapsed0 + time.monotonic() - start  # wall clock, carried across resumes
+                # wall clock, carried across resumes; under DDP the slowest rank's, so every rank agrees
+                # on the time schedule, the batch ramp and when the budget ends
+                self.elapsed = dist.max_float(elapsed0 + time.monotonic() - start, self.device)
                 if self.step % cfg.log_every == 0 or self.done():
                     stop_reason = self._log_window(window_loss, window_tokens, window_start, bar)
                     window_loss, window_tokens, window_start = [], 0, time.monotonic()
