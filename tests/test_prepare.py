@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-import bertforge.data.shards as shards
+import bertforge.data.shard_output as shard_output
 from bertforge.data.corpus import iter_documents
 from bertforge.data.dataset import PackedDataset, ShardLoader
 from bertforge.data.prepare_cli import add_prepare_arguments, run_prepare
@@ -119,7 +119,7 @@ def test_rerun_of_finished_output_skips_all_shards(packed, corpus, minilm):
 @pytest.mark.parametrize("mode", ["packed", "nsp"])
 def test_resume_after_interruption_is_exact(corpus, minilm, tmp_path, monkeypatch, mode):
     prepare(make_cfg(corpus, minilm, tmp_path / "ref", mode=mode, shard_size=100))
-    flush, calls = shards._ShardWriter._flush, []
+    flush, calls = shard_output.ShardWriter._flush, []
 
     def crash_after_three(self, split):
         if len(calls) == 3:
@@ -127,11 +127,11 @@ def test_resume_after_interruption_is_exact(corpus, minilm, tmp_path, monkeypatc
         calls.append(split)
         flush(self, split)
 
-    monkeypatch.setattr(shards._ShardWriter, "_flush", crash_after_three)
+    monkeypatch.setattr(shard_output.ShardWriter, "_flush", crash_after_three)
     cfg = make_cfg(corpus, minilm, tmp_path / "run", mode=mode, shard_size=100)
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg)
-    monkeypatch.setattr(shards._ShardWriter, "_flush", flush)
+    monkeypatch.setattr(shard_output.ShardWriter, "_flush", flush)
     m = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert not m["complete"] and len(m["shards"]) >= 1 and m["resume"]["counts"]["next_document"] > 0
     kept = {s["file"]: (tmp_path / "run" / s["file"]).stat().st_ino for s in m["shards"]}

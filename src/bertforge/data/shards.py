@@ -59,12 +59,17 @@ from tqdm import tqdm
 
 from bertforge.data.corpus import BOUNDARIES, iter_documents
 from bertforge.data.packing import SPLITS, NspBuilder, PackedBuilder, split_sentences
+from bertforge.data.shard_output import (
+    FORMAT,
+    ShardWriter,
+    open_output,
+    source_bytes,
+    write_manifest,
+)
 from bertforge.errors import BertforgeError, require
 
 MODES = ("packed", "nsp")
 DTYPES = ("uint16", "uint32")
-MANIFEST = "manifest.json"
-FORMAT = "bertforge-shards/1"
 # fork where the OS has it: workers start at once and a user's script needs no `if __name__ == "__main__"`
 # guard (spawn/forkserver re-import __main__). Workers only run the Rust tokenizer, single-threaded.
 START_METHOD = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
@@ -215,91 +220,10 @@ def _tokenized(batches: Iterator[tuple[int, list[str], int]], tokenizer_json: st
 # ----------------------------------------------------------------------------- shard files
 
 
-def _write_atomic(path: Path, data: bytes | np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        if isinstance(data, np.ndarray):
-            np.ascontiguousarray(data).tofile(f)
-        else:
-            f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_manifest(out: Path, manifest: dict) -> None:
-    _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
-
-
-class _ShardWriter:
-    """One preallocated `shard_size`-row buffer per split; a full buffer becomes `<split>_NNNNN.bin`
-    (+ `.pairs.bin` for NSP). Memory: at most shard_size rows per split, however large the corpus."""
-
-    def __init__(self, out: Path, manifest: dict, shard_size: int, pad_id: int) -> None:
-        self.out, self.shards, self.shard_size, self.pad_id = out, manifest["shards"], shard_size, pad_id
-        self.nsp = manifest["mode"] == "nsp"
-        self.rows = {s: np.empty((shard_size, manifest["seq_len"]), manifest["dtype"]) for s in SPLITS}
-        self.info = {s: np.zeros((shard_size, 2), np.int32) for s in SPLITS}
-        self.count = {s: 0 for s in SPLITS}
-        self.written = 0
-
-    def add(self, split: str, rows: np.ndarray, info: np.ndarray | None = None) -> None:
-        done = 0
-        while done < len(rows):
-            have = self.count[split]
-            take = min(self.shard_size - have, len(rows) - done)
-            self.rows[split][have:have + take] = rows[done:done + take]
-            if info is not None:
-                self.info[split][have:have + take] = info[done:done + take]
-            self.count[split] += take
-            done += take
-            if self.count[split] == self.shard_size:
-                self._flush(split)
-
-    def _flush(self, split: str) -> None:
-        n, rows, info = self.count[split], self.rows[split], self.info[split]
-        name = f"{split}_{sum(s['split'] == split for s in self.shards):05d}"
-        entry = {"file": f"{name}.bin", "split": split, "rows": n, "pad_tokens": int((rows[:n] == self.pad_id).sum())}
-        if self.nsp:
-            _write_atomic(self.out / f"{name}.pairs.bin", info[:n])
-            entry["is_next"] = int(info[:n, 1].sum())
-        _write_atomic(self.out / entry["file"], rows[:n])
-        self.shards.append(entry)
-        self.count[split] = 0
-        self.written += 1
-
-    def finish(self) -> None:
-        for split in SPLITS:
-            if self.count[split]:
-                self._flush(split)
-
-    def state(self) -> dict[str, np.ndarray]:
-        out = {f"rows_{s}": self.rows[s][: self.count[s]] for s in SPLITS}
-        out.update({f"info_{s}": self.info[s][: self.count[s]] for s in SPLITS})
-        return out
-
-    def load(self, state: dict[str, np.ndarray]) -> None:
-        for s in SPLITS:
-            self.count[s] = 0
-            self.add(s, state[f"rows_{s}"], state[f"info_{s}"])
-
-
-# ----------------------------------------------------------------------------- output folder
-
-
-def _source_bytes(source: str) -> int | None:
-    """Size of a local source (a folder: all its files), so a resume notices a changed corpus."""
-    if os.path.isfile(source):
-        return os.path.getsize(source)
-    if os.path.isdir(source):
-        return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(source) for f in files)
-    return None  # hub:NAME (or a missing path, which the corpus reader reports)
-
-
 def _new_manifest(cfg: PrepareConfig, tok, dtype: str) -> dict:
     sources = [s if str(s).startswith("hub:") else os.path.abspath(s) for s in cfg.sources]
     settings = {k: getattr(cfg, k) for k in _OUTPUT_KEYS} | {"sources": sources, "dtype": dtype}
-    settings["source_bytes"] = [_source_bytes(s) for s in sources]
+    settings["source_bytes"] = [source_bytes(s) for s in sources]
     if cfg.mode != "nsp":
         settings["short_seq_prob"] = None
     ids = {k: getattr(tok, k) for k in ("pad_token_id", "unk_token_id", "cls_token_id", "sep_token_id",
@@ -309,55 +233,6 @@ def _new_manifest(cfg: PrepareConfig, tok, dtype: str) -> dict:
     return {"format": FORMAT, "complete": False, "tokenizer": tokenizer, "vocab_size": tok.vocab_size,
             "dtype": dtype, "seq_len": cfg.seq_len, "mode": cfg.mode, "seed": cfg.seed, "sources": sources,
             "settings": settings, "shards": [], "resume": None}
-
-
-def _clear(out: Path) -> None:
-    """Remove what `prepare` writes (and nothing else) from `out`."""
-    for pattern in (MANIFEST, "resume_*.npz", "*.tmp", "train_*.bin", "val_*.bin"):
-        for path in out.glob(pattern):
-            path.unlink()
-
-
-def _open_output(out: Path, fresh: dict, overwrite: bool) -> dict:
-    """The manifest to continue from: the existing one when it matches, else a new one."""
-    path = out / MANIFEST
-    if out.exists() and not out.is_dir():
-        raise BertforgeError(f"output '{out}' is a file: pass a folder for --output")
-    if overwrite:
-        _clear(out)
-    elif path.is_file():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise BertforgeError(f"output '{out}' has an unreadable {MANIFEST}: use a new --output or --overwrite") from None
-        _check_compatible(out, old, fresh)
-        return old
-    elif any(out.glob("train_*.bin")):
-        raise BertforgeError(f"output '{out}' holds shard files but no {MANIFEST}: use a new --output or --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    _write_manifest(out, fresh)
-    return fresh
-
-
-def _check_compatible(out: Path, old: dict, fresh: dict) -> None:
-    if old.get("format") != FORMAT:
-        raise BertforgeError(f"output '{out}' holds a {MANIFEST} of another format ({old.get('format')!r}): "
-                             "use a new --output or --overwrite")
-    have, want = old["tokenizer"]["fingerprint"], fresh["tokenizer"]["fingerprint"]
-    if have != want:
-        raise BertforgeError(f"output '{out}' holds shards made with another tokenizer (fingerprint {have[:12]} "
-                             f"vs {want[:12]}): use a new --output or --overwrite")
-    diff = [f"{k} {old['settings'].get(k)!r} -> {v!r}" for k, v in fresh["settings"].items()
-            if old["settings"].get(k) != v]
-    if diff:
-        raise BertforgeError(f"output '{out}' holds shards made with other settings ({'; '.join(diff)}): "
-                             "use a new --output or --overwrite")
-    itemsize = np.dtype(old["dtype"]).itemsize
-    for shard in old["shards"]:
-        file = out / shard["file"]
-        if not file.is_file() or file.stat().st_size != shard["rows"] * old["seq_len"] * itemsize:
-            raise BertforgeError(f"shard '{file}' listed in the manifest is missing or has the wrong size: "
-                                 "use --overwrite to prepare again")
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -371,7 +246,7 @@ class _Preparer:
         ids = (cfg.seq_len, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, manifest["dtype"])
         self.builder = (NspBuilder(*ids, cfg.seed, cfg.short_seq_prob) if cfg.mode == "nsp"
                         else PackedBuilder(*ids))
-        self.writer = _ShardWriter(out, manifest, cfg.shard_size, tok.pad_token_id)
+        self.writer = ShardWriter(out, manifest, cfg.shard_size, tok.pad_token_id)
         self.saved_written = 0
         resume = manifest["resume"]
         self.counts = resume["counts"] if resume else {
@@ -417,7 +292,7 @@ class _Preparer:
             np.savez(f, **self.writer.state(), **self.builder.state())
         os.replace(tmp, self.out / name)
         self.manifest["resume"] = {"id": number, "file": name, "counts": json.loads(json.dumps(self.counts))}
-        _write_manifest(self.out, self.manifest)
+        write_manifest(self.out, self.manifest)
         if old and old["file"] != name:
             (self.out / old["file"]).unlink(missing_ok=True)
 
@@ -466,7 +341,7 @@ class _Preparer:
         if m["mode"] == "nsp":
             m["nsp"] = {"is_next_rate": sum(s["is_next"] for s in m["shards"]) / sequences,
                         "skipped_chunks": self.builder.skipped}
-        _write_manifest(self.out, m)
+        write_manifest(self.out, m)
         for path in self.out.glob("resume_*.npz"):
             path.unlink()
 
@@ -480,7 +355,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     tok = WordPieceTokenizer.from_pretrained(cfg.tokenizer)
     dtype = choose_dtype(tok.vocab_size, cfg.dtype)
     out = Path(cfg.output)
-    manifest = _open_output(out, _new_manifest(cfg, tok, dtype), cfg.overwrite)
+    manifest = open_output(out, _new_manifest(cfg, tok, dtype), cfg.overwrite)
     start, shards_before = time.perf_counter(), len(manifest["shards"])
     if not manifest["complete"]:
         tok.save(out / "tokenizer")  # a copy beside the shards, so the folder is self-contained
