@@ -18,7 +18,7 @@ A run directory (written by the Trainer, layout in `train/checkpoint.py`) holds
 Partial runs never stop a report: a line of metrics.jsonl that does not parse (a run killed while
 writing leaves a truncated last line) is skipped with a warning, and because the Trainer appends to
 metrics.jsonl, lines written after the last checkpoint of a killed run are superseded by the lines the
-resumed run writes for the same steps. Plots use matplotlib's Agg canvas directly (no pyplot state).
+resumed run writes for the same steps. The plots are drawn in `bertforge.report_plots`.
 """
 
 from __future__ import annotations
@@ -204,19 +204,19 @@ def infer_preset(model: dict) -> str | None:
     return f"custom L{model['num_hidden_layers']} H{model['hidden_size']}" if "hidden_size" in model else None
 
 
-def _finite(value: Any) -> float | None:
+def finite_or_none(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _last(records: list[dict], key: str) -> float | None:
     for r in reversed(records):
-        if _finite(r.get(key)) is not None:
-            return _finite(r[key])
+        if finite_or_none(r.get(key)) is not None:
+            return finite_or_none(r[key])
     return None
 
 
 def _best(records: list[dict], key: str, lower: bool) -> float | None:
-    values = [v for v in (_finite(r.get(key)) for r in records) if v is not None and math.isfinite(v)]
+    values = [v for v in (finite_or_none(r.get(key)) for r in records) if v is not None and math.isfinite(v)]
     return (min(values) if lower else max(values)) if values else None
 
 
@@ -227,20 +227,20 @@ def run_row(run: RunData) -> dict:
     evals = run.evals or ([summary] if any(k.startswith("eval_") for k in summary) else [])
 
     def final(key: str) -> float | None:
-        value = _finite(summary.get(key))
+        value = finite_or_none(summary.get(key))
         return value if value is not None else max((r[key] for r in records if key in r), default=None)
 
     eval_loss = _last(evals, "eval_loss")
     perplexity = _last(evals, "eval_perplexity")
     if perplexity is None and eval_loss is not None:
         perplexity = math.exp(min(eval_loss, 50.0))
-    rates = [v for v in (_finite(r.get("tokens_per_s")) for r in run.train) if v is not None]
+    rates = [v for v in (finite_or_none(r.get("tokens_per_s")) for r in run.train) if v is not None]
     optim = run.config.get("optim") if isinstance(run.config.get("optim"), dict) else {}
     model = run.config.get("model") if isinstance(run.config.get("model"), dict) else {}
     reason = summary.get("stop_reason", "budget")  # budget = finished; diverged / loss_threshold = stopped early
     status = ("done" if reason == "budget" else str(reason)) if run.summary is not None else "incomplete"
     return {
-        "run": run.name, "optimizer": run.optimizer, "lr": _finite(optim.get("lr")), "preset": infer_preset(model),
+        "run": run.name, "optimizer": run.optimizer, "lr": finite_or_none(optim.get("lr")), "preset": infer_preset(model),
         "steps": final("step"), "tokens": final("tokens"),
         "tokens_per_s": statistics.median(rates) if rates else None, "wall_s": final("elapsed"),
         "train_loss": _last(run.train, "loss"),
@@ -302,13 +302,13 @@ def finetune_rows(runs: list[RunData]) -> tuple[list[dict], list[str]]:
         seeds = [m.get("seed") for m in items]
         if len(set(map(str, seeds))) < len(seeds):
             warnings.append(f"task {task}, model {model}: seeds {seeds} repeat; every run is counted")
-        metrics = sorted({k for m in items for k, v in m.items() if k not in FINETUNE_ID_KEYS and _finite(v) is not None})
+        metrics = sorted({k for m in items for k, v in m.items() if k not in FINETUNE_ID_KEYS and finite_or_none(v) is not None})
         for metric in metrics:
-            values = [_finite(m.get(metric)) for m in items]
+            values = [finite_or_none(m.get(metric)) for m in items]
             values = [v for v in values if v is not None]
             q1, q3 = (float(q) for q in np.percentile(values, [25, 75]))
             rows.append({"task": task, "model": model, "metric": metric, "n": len(values),
-                         "seeds": " ".join(str(m.get("seed")) for m in items if _finite(m.get(metric)) is not None),
+                         "seeds": " ".join(str(m.get("seed")) for m in items if finite_or_none(m.get(metric)) is not None),
                          "median": statistics.median(values), "min": min(values), "max": max(values),
                          "q1": q1, "q3": q3})
     return rows, warnings
@@ -319,70 +319,6 @@ def finetune_markdown(rows: list[dict]) -> str:
     body = [[r["task"], r["model"].replace("|", "\\|"), r["metric"], str(r["n"]), f"{r['median']:.4f}",
              f"{r['min']:.4f}–{r['max']:.4f}", f"{r['q1']:.4f}–{r['q3']:.4f}"] for r in rows]
     return markdown_table(headers, body)
-
-
-# ----------------------------------------------------------------------------- plots
-
-
-def _figure_tools():
-    """matplotlib's Figure and Agg canvas, imported on first use."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise BertforgeError("bertforge report draws its plots with matplotlib, which is not installed: "
-                             "pip install 'bertforge[plot]' (or pass --no-plots for the tables only)") from None
-    return Figure, FigureCanvasAgg
-
-
-def time_unit(runs: list[RunData]) -> tuple[str, float]:
-    longest = max((_finite(r.get("elapsed")) or 0.0 for run in runs for r in run.train + run.evals), default=0.0)
-    return ("hours", 3600.0) if longest > 7200 else (("minutes", 60.0) if longest > 120 else ("seconds", 1.0))
-
-
-def _series(records: list[dict], x_key: str, y_key: str, scale: float) -> tuple[list[float], list[float]]:
-    points = [(_finite(r.get(x_key)), _finite(r.get(y_key))) for r in records]
-    points = [(x / scale, y if math.isfinite(y) else math.nan) for x, y in points  # diverged: a gap
-              if x is not None and y is not None]
-    return [x for x, _ in points], [y for _, y in points]
-
-
-def plot_metric(runs: list[RunData], source: str, key: str, x_key: str, path: Path, *,
-                ylabel: str, xlabel: str, scale: float = 1.0) -> bool:
-    """One PNG, one line per run; False (nothing written) when no run logged `key`."""
-    Figure, FigureCanvasAgg = _figure_tools()
-    fig = Figure(figsize=(8, 4.8), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    series = [(run.label, *_series(getattr(run, source), x_key, key, scale)) for run in runs]
-    series = [(label, xs, ys) for label, xs, ys in series if xs]
-    if not series:
-        return False
-    for label, xs, ys in series:
-        ax.plot(xs, ys, label=label, marker="o" if len(xs) <= 30 else None, markersize=3, linewidth=1.4)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{ylabel} vs {xlabel.split(' ')[0]}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    return True
-
-
-def plot_runs(runs: list[RunData], out: Path) -> list[Path]:
-    """Training loss, learning rate and every logged eval metric, each vs step and vs time; the PNG paths."""
-    unit, scale = time_unit(runs)
-    eval_keys = sorted({k for run in runs for r in run.evals for k in r
-                        if k.startswith("eval_") and k not in EVAL_NOT_PLOTTED and _finite(r[k]) is not None},
-                       key=lambda k: (k != "eval_loss", k != "eval_accuracy", k))
-    plans = [("train", "loss", "train_loss", "training loss"), ("train", "lr", "lr", "learning rate")]
-    plans += [("evals", key, key, key.replace("_", " ")) for key in eval_keys]
-    written = []
-    for source, key, stem, ylabel in plans:
-        for x_key, x_name, xlabel, s in (("step", "step", "step", 1.0), ("elapsed", "time", f"time ({unit})", scale)):
-            path = out / f"{stem}_vs_{x_name}.png"
-            if plot_metric(runs, source, key, x_key, path, ylabel=ylabel, xlabel=xlabel, scale=s):
-                written.append(path)
-    return written
 
 
 # ----------------------------------------------------------------------------- the report
@@ -403,7 +339,12 @@ def build_report(paths: list[str | Path], out: str | Path, *, plots: bool = True
             write_csv(out_dir / name, columns, table_rows)
             files.append(out_dir / name)
     table, ft_table = runs_markdown(rows) if rows else "", finetune_markdown(ft_rows) if ft_rows else None
-    pngs = plot_runs(runs, out_dir) if plots else []
+    if plots:
+        from bertforge.report_plots import plot_runs
+
+        pngs = plot_runs(runs, out_dir)
+    else:
+        pngs = []
     page = ["# bertforge report\n", "Runs: " + ", ".join(f"`{run.path}`" for run in runs) + "\n"]
     page += [f"## Runs\n\n{table}"] if table else []
     page += [f"## Fine-tuning (over seeds)\n\n{ft_table}"] if ft_table else []
