@@ -127,6 +127,26 @@ def test_two_process_ddp_equals_one_process_with_accumulation(prepared, tmp_path
     assert all(abs(la[s] - lb[s]) <= 1e-5 for s in la)
 
 
+@pytest.mark.slow
+def test_two_process_ddp_time_budget_with_batch_ramp_ends_together(prepared, tmp_path):
+    """Under a wall-clock budget the ranks share one clock (the slowest rank's), so they agree on the
+    time schedule, the batch-size ramp's micro-batch count and the last step: the run ends cleanly."""
+    args = ["pretrain", "--data", str(prepared), *TINY, "train.batch_size=4", "train.eval_every=0",
+            "train.max_steps=null", "train.time_budget=6s", "optim.schedule=time", "train.grad_accum=3",
+            "train.batch_ramp_start=4", "train.batch_ramp=0.5", "--output", str(tmp_path / "ddp")]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29534", "-m", "bertforge", *args], env=env(), capture_output=True,
+                         text=True, timeout=240)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["stop_reason"] == "budget" and summary["elapsed"] >= 6.0 and summary["step"] > 2
+    records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    per_step = [r["tokens"] for r in records if "loss" in r]
+    assert per_step[-1] == summary["tokens"]
+    micro = [round((b - a) / (2 * 4 * 64)) for a, b in zip([0, *per_step], per_step)]  # micro-batches per step
+    assert micro[0] == 1 and micro[-1] == 3 and micro == sorted(micro)  # the ramp: 1 micro-batch, then 2, 3
+
+
 def test_sanity_passes_healthy_and_fails_broken(prepared, capsys):
     ok = cli_main(["sanity", "--data", str(prepared), *TINY, "optim.lr=3e-3", "--steps", "150"])
     out = capsys.readouterr().out
