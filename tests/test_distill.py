@@ -16,16 +16,14 @@ from bertforge.data.masking import MaskingConfig, MLMCollator
 from bertforge.errors import BertforgeError
 from bertforge.model.bert import BertConfig, pad_vocab_size
 from bertforge.model.heads import BertForMaskedLM, BertForSequenceClassification
-from bertforge.train.distill import (
+from bertforge.train.distill import DistillRunConfig, evaluate_distill, main
+from bertforge.train.distill_model import (
     DistillationModel,
     DistillLossConfig,
-    DistillRunConfig,
     default_teacher_layers,
-    evaluate_distill,
     hidden_pairs,
     init_student_from_teacher,
     kd_loss,
-    main,
 )
 from bertforge.train.loop import TrainConfig
 
