@@ -366,3 +366,13 @@ def test_bad_inputs_are_one_line_errors(case, tiny_model, shared_data, tmp_path)
     with pytest.raises(BertforgeError) as error:
         run(tmp_path / "out", tiny_model, task, *extra)
     assert match in _one_line(error)
+
+
+def test_truncation_note_names_the_limit_that_applies():
+    from bertforge.train.tasks import TaskSettings, truncation_note
+
+    s = TaskSettings(max_seq_length=128, max_query_length=32)
+    assert truncation_note("rte", 3, "train", s) == (
+        "note: 3 train inputs were longer than max_seq_length=128 tokens and were truncated; "
+        "--no-truncate makes this an error")
+    assert "2 dev questions were longer than max_query_length=32 tokens" in truncation_note("squad", 2, "dev", s)

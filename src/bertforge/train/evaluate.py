@@ -24,7 +24,14 @@ import torch
 from torch import nn
 
 from bertforge.errors import require
-from bertforge.train.tasks import TaskAdapter, TaskSettings, canonical_split, get_task_adapter, suffix
+from bertforge.train.tasks import (
+    TaskAdapter,
+    TaskSettings,
+    canonical_split,
+    get_task_adapter,
+    suffix,
+    truncation_note,
+)
 
 
 def score_split(adapter: TaskAdapter, model: nn.Module, examples: list, features: list, split: str,
@@ -87,8 +94,7 @@ def _run_splits(model_dir, data: str, splits: tuple[str, ...] | None, task, devi
         what = f"'{data}'" if Path(data).is_file() else f"'{data}' {split}"
         features, cut = adapter.featurize(examples, tokenizer, settings, what)
         if cut:
-            print(f"note: {cut} inputs of {what} were longer than max_seq_length={settings.max_seq_length} (SQuAD: "
-                  "max_query_length) tokens and were truncated; --no-truncate makes this an error", file=sys.stderr)
+            print(truncation_note(adapter.name, cut, f"of {what}", settings), file=sys.stderr)
         with torch.inference_mode():
             predictions, metrics = score_split(adapter, model, examples, features, split, settings.eval_batch_size)
         if output_dir is not None:

@@ -45,7 +45,7 @@ from bertforge.train import distributed as dist
 from bertforge.train.evaluate import main_score, score_split
 from bertforge.train.loop import TrainConfig, Trainer, seed_everything
 from bertforge.train.optim import OptimConfig, build_optimizer, build_schedule
-from bertforge.train.tasks import TaskAdapter, TaskSettings, get_task_adapter
+from bertforge.train.tasks import TaskAdapter, TaskSettings, get_task_adapter, truncation_note
 
 PROTOCOLS: dict[str, dict] = {
     "glue-sane": {"epochs": 5, "seeds": 5, "select": "last", "train": {"batch_size": 16},
@@ -225,8 +225,7 @@ def _load(cfg: FinetuneRunConfig, adapter: TaskAdapter, settings: TaskSettings):
 def _featurize(adapter, tokenizer, settings, name: str, examples: list) -> tuple[list, int]:
     features, cut = adapter.featurize(examples, tokenizer, settings, name)
     if cut:
-        dist.print0(f"note: {cut} {name} inputs were longer than max_seq_length={settings.max_seq_length} "
-                    "(SQuAD: max_query_length) tokens and were truncated; --no-truncate makes this an error")
+        dist.print0(truncation_note(adapter.name, cut, name, settings))
     return features, cut
 
 

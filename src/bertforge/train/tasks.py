@@ -112,6 +112,15 @@ def has_labels(task: str, path: Path) -> bool:
     return spec.label in cells if spec.text_a in cells else len(cells) == len(spec.columns)
 
 
+def truncation_note(task: str, cut: int, what: str, settings) -> str:
+    """The one-line note for `cut` inputs of `what` that were truncated to fit."""
+    if task == "squad":  # contexts are windowed, never cut; only questions can be
+        limit = f"questions were longer than max_query_length={settings.max_query_length} tokens"
+    else:
+        limit = f"inputs were longer than max_seq_length={settings.max_seq_length} tokens"
+    return f"note: {cut} {what} {limit} and were truncated; --no-truncate makes this an error"
+
+
 def encode_checked(tokenizer, firsts: list[str], seconds: list[str] | None, limit: int, truncate: bool,
                    what: str) -> tuple[list, list[int]]:
     """Encodings without truncation and the indices of those longer than `limit` (an error when not
