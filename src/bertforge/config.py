@@ -195,6 +195,6 @@ def load_run_config(cls: type[T], *, file: str | Path | None = None, overrides: 
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as JSON atomically."""
-    from bertforge.train.checkpoint import atomic_write_text
+    from bertforge.atomic import atomic_write_text
 
     atomic_write_text(Path(path), json.dumps(config_to_dict(cfg), indent=2, sort_keys=False) + "\n")

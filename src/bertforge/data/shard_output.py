@@ -1,7 +1,8 @@
 """The output side of `bertforge prepare`: the shard writer and the output folder's manifest.
 
 `ShardWriter` keeps one preallocated `shard_size`-row buffer per split and turns each full buffer into
-`<split>_NNNNN.bin` (+ `.pairs.bin` for NSP), each written to `*.tmp`, fsynced and renamed.
+`<split>_NNNNN.bin` (+ `.pairs.bin` for NSP), each written atomically (`bertforge.atomic.atomic_replace`:
+a temp file beside it, fsynced, renamed).
 `open_output` decides what a (re-)run continues from: the folder's manifest when its format, tokenizer
 fingerprint, settings and listed shards match, a fresh one otherwise (or an error naming the mismatch
 and the fix). The file layout and the resume protocol are described in `bertforge.data.shards`.
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bertforge.atomic import atomic_replace, atomic_write_text
 from bertforge.data.packing import SPLITS
 from bertforge.errors import BertforgeError
 
@@ -22,20 +24,13 @@ MANIFEST = "manifest.json"
 FORMAT = "bertforge-shards/1"
 
 
-def write_atomic(path: Path, data: bytes | np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        if isinstance(data, np.ndarray):
-            np.ascontiguousarray(data).tofile(f)
-        else:
-            f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_array(path: Path, rows: np.ndarray) -> None:
+    """Raw C-order bytes of `rows`, written atomically (temp file, fsync, rename)."""
+    atomic_replace(path, lambda tmp: np.ascontiguousarray(rows).tofile(tmp))
 
 
 def write_manifest(out: Path, manifest: dict) -> None:
-    write_atomic(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 class ShardWriter:
@@ -68,9 +63,9 @@ class ShardWriter:
         name = f"{split}_{sum(s['split'] == split for s in self.shards):05d}"
         entry = {"file": f"{name}.bin", "split": split, "rows": n, "pad_tokens": int((rows[:n] == self.pad_id).sum())}
         if self.nsp:
-            write_atomic(self.out / f"{name}.pairs.bin", info[:n])
+            write_array(self.out / f"{name}.pairs.bin", info[:n])
             entry["is_next"] = int(info[:n, 1].sum())
-        write_atomic(self.out / entry["file"], rows[:n])
+        write_array(self.out / entry["file"], rows[:n])
         self.shards.append(entry)
         self.count[split] = 0
         self.written += 1

@@ -29,9 +29,9 @@ Rows (`seq_len` = T):
 
 Files: `train_00000.bin`, ..., `val_00000.bin`, ... hold rows as raw C-order `uint16` (vocab <=
 65535) or `uint32`, shape (rows, T); shards have `shard_size` rows except the last of each split.
-Each file is written to `*.tmp` and renamed. `manifest.json` records the tokenizer fingerprint, the
-settings that shape the output, the finished shards and the counts; `tokenizer/` holds a copy of the
-tokenizer (`WordPieceTokenizer.save`).
+Each file is written atomically (`bertforge.atomic`: a temp file beside it, fsynced, renamed).
+`manifest.json` records the tokenizer fingerprint, the settings that shape the output, the finished
+shards and the counts; `tokenizer/` holds a copy of the tokenizer (`WordPieceTokenizer.save`).
 
 Resume: after a batch in which a shard was finished, the state needed to continue (next document
 index, per-split carry tokens, rows buffered for the next shards, NSP windows, counters) is saved to
@@ -57,6 +57,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from bertforge.atomic import atomic_replace
 from bertforge.data.corpus import BOUNDARIES, iter_documents
 from bertforge.data.packing import SPLITS, NspBuilder, PackedBuilder, split_sentences
 from bertforge.data.shard_output import (
@@ -287,10 +288,13 @@ class _Preparer:
         old = self.manifest["resume"]
         number = old["id"] + 1 if old else 0
         name = f"resume_{number:05d}.npz"
-        tmp = self.out / (name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **self.writer.state(), **self.builder.state())
-        os.replace(tmp, self.out / name)
+        state = {**self.writer.state(), **self.builder.state()}
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a path
+                np.savez(f, **state)
+
+        atomic_replace(self.out / name, write)
         self.manifest["resume"] = {"id": number, "file": name, "counts": json.loads(json.dumps(self.counts))}
         write_manifest(self.out, self.manifest)
         if old and old["file"] != name:

@@ -261,10 +261,10 @@ def _mlm_data(cfg: DistillRunConfig, tokenizer):
 
 def main(cfg: DistillRunConfig) -> dict:
     """Distil as configured; returns (and writes to metrics.json) student and teacher scores, score kept, speed-up."""
+    from bertforge.atomic import atomic_write_text
     from bertforge.data.glue import get_task
     from bertforge.model.heads import BertForMaskedLM, BertForSequenceClassification
     from bertforge.model.loading import save_model
-    from bertforge.train.checkpoint import atomic_write_text
 
     seed_everything(cfg.train.seed)
     loaded = load_teacher(cfg)

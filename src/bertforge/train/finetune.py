@@ -230,7 +230,7 @@ def _featurize(adapter, tokenizer, settings, name: str, examples: list) -> tuple
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from bertforge.train.checkpoint import atomic_write_text
+    from bertforge.atomic import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 

@@ -183,14 +183,14 @@ def main(cfg: PretrainRunConfig) -> dict:
                       clip_grad_norm=cfg.optim.clip_grad_norm or None)
     out = Path(cfg.train.output_dir)
     if dist.is_main():
-        from bertforge.train.checkpoint import atomic_write_text
+        from bertforge.atomic import atomic_write_text
 
         atomic_write_text(out / "config.json", json.dumps(run_config, indent=2) + "\n")
     trainer.maybe_resume()
     summary = trainer.fit()
     if dist.is_main():
         save_model(model, out / "model", tokenizer=tokenizer)
-        from bertforge.train.checkpoint import atomic_write_text
+        from bertforge.atomic import atomic_write_text
 
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     dist.cleanup()

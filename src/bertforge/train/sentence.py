@@ -231,7 +231,7 @@ def calibration_set(path: str, task: str, binarize_at: float, limit: int | None
 def calibrate_encoder(encoder: nn.Module, tokenizer, c: CalibrationConfig, save_to: str | Path | None = None,
                       batch_size: int = 64) -> dict:
     """Calibrate the cosine threshold on `c.file`; write it to `save_to`/similarity_threshold.json if given."""
-    from bertforge.train.checkpoint import atomic_write_text
+    from bertforge.atomic import atomic_write_text
 
     require(bool(c.file), "calibration.file is empty: pass labelled pairs such as mrpc/dev.tsv")
     a, b, y = calibration_set(c.file, c.task, c.binarize_at, c.limit)
@@ -339,7 +339,7 @@ def _set_budget(cfg: SentenceRunConfig, batches_per_epoch: int) -> None:
 
 def main(cfg: SentenceRunConfig) -> dict:
     """Train a sentence encoder as configured; returns the final metrics (also in metrics.json)."""
-    from bertforge.train.checkpoint import atomic_write_text
+    from bertforge.atomic import atomic_write_text
 
     require(cfg.loss.name in LOSSES, f"loss.name '{cfg.loss.name}' is unknown: use one of {', '.join(LOSSES)}")
     require(bool(cfg.data.train), "data.train is empty: pass an NLI file (softmax, mnrl) or STS file (cosent, cosine)")
