@@ -69,14 +69,14 @@ class MLMHead(nn.Module):
 
 def sparse_mlm(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor | None
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits at labelled positions only and their mean cross-entropy; full logits without labels.
-    `hidden` is (B, T, H), or (M, H) when the encoder already kept only the labelled positions."""
+    """Without labels: hidden (B, T, H) -> full logits (B, T, V), no loss. With labels: hidden (M, H) holds
+    the final states at the labelled positions (`labels != -100`, row-major) -> their logits (M, V) and
+    mean cross-entropy."""
     weight = model.bert.embeddings.word_embeddings.weight  # (V, H), tied decoder
+    logits = model.cls(hidden, weight)
     if labels is None:
-        return model.cls(hidden, weight), None  # (B, T, V)
-    keep = labels != IGNORE_INDEX  # (B, T)
-    logits = model.cls(hidden if hidden.dim() == 2 else hidden[keep], weight)  # (M, V)
-    targets = labels[keep]  # (M,)
+        return logits, None
+    targets = labels[labels != IGNORE_INDEX]  # (M,)
     if targets.numel() == 0:
         return logits, hidden.sum() * 0.0  # no masked token in this batch: zero loss, graph intact
     return logits, F.cross_entropy(logits.float(), targets)
@@ -114,7 +114,8 @@ class BertForPreTraining(nn.Module):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
                 next_sentence_label=None, output_hidden_states: bool = False) -> PreTrainingOutput:
         out = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states=output_hidden_states)
-        logits, mlm_loss = sparse_mlm(self, out.last_hidden_state, labels)
+        hidden = out.last_hidden_state if labels is None else out.last_hidden_state[labels != IGNORE_INDEX]
+        logits, mlm_loss = sparse_mlm(self, hidden, labels)  # the pooled [CLS] needs every position's last layer
         nsp_logits = self.nsp(out.pooler_output)  # (B, 2)
         nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label) if next_sentence_label is not None else None
         parts = [x for x in (mlm_loss, nsp_loss) if x is not None]

@@ -32,6 +32,7 @@ from torch import nn
 from bertforge.errors import BertforgeError
 from bertforge.train import distributed as dist
 from bertforge.train.checkpoint import CheckpointManager
+from bertforge.train.optim import batch_size_at
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -223,10 +224,9 @@ class Trainer:
         return self.progress() >= 1.0
 
     # ---------------------------------------------------------------- steps
-    def forward_backward(self, batch: dict, sync: bool, accum: int | None = None) -> torch.Tensor:
-        """One micro-batch: forward under autocast, loss / accum backward (accum defaults to grad_accum).
-        Returns the detached loss."""
-        accum = accum or self.cfg.grad_accum
+    def forward_backward(self, batch: dict, sync: bool, accum: int) -> torch.Tensor:
+        """One of `accum` micro-batches: forward under autocast, loss / accum backward. Returns the detached
+        loss."""
         ctx = contextlib.nullcontext() if sync or not hasattr(self.train_model, "no_sync") else self.train_model.no_sync()
         with ctx:
             with self.autocast():
@@ -240,8 +240,6 @@ class Trainer:
         cfg = self.cfg
         if not cfg.batch_ramp_start:
             return cfg.grad_accum
-        from bertforge.train.optim import batch_size_at
-
         scale = 1_000_000  # progress in millionths: integer arithmetic, identical on every rank
         effective = batch_size_at(int(self.progress() * scale), cfg.batch_ramp_start, cfg.batch_size * cfg.grad_accum,
                                   int(cfg.batch_ramp * scale), multiple=cfg.batch_size)
@@ -344,9 +342,11 @@ class Trainer:
                 loss, tokens = self.train_step()
                 window_loss.append(loss)
                 window_tokens += tokens
-                # wall clock, carried across resumes; under DDP the slowest rank's, so every rank agrees
-                # on the time schedule, the batch ramp and when the budget ends
-                self.elapsed = dist.max_float(elapsed0 + time.monotonic() - start, self.device)
+                # wall clock, carried across resumes; under a time budget and DDP the slowest rank's, so
+                # every rank agrees on the time schedule, the batch ramp and when the budget ends
+                self.elapsed = elapsed0 + time.monotonic() - start
+                if self.budget_seconds:
+                    self.elapsed = dist.max_float(self.elapsed, self.device)
                 if self.step % cfg.log_every == 0 or self.done():
                     stop_reason = self._log_window(window_loss, window_tokens, window_start, bar)
                     window_loss, window_tokens, window_start = [], 0, time.monotonic()

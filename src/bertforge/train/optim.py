@@ -1,10 +1,10 @@
 """Optimizers, learning-rate schedules and the batch-size ramp.
 
-`build_optimizer` makes AdamW (the fused kernel on CPU and CUDA; on CPU it runs the update about 7x
-faster than the foreach one: 0.03 s vs 0.20 s a step for 29M parameters on one thread), our LAMB
-(`bertforge.train.lamb`) or `torch.optim.Adafactor` over two parameter groups: weight decay on matrices, none on biases and norm
-weights (every tensor with ndim < 2, or whose name contains "norm", which covers the embeddings'
-LayerNorm). Embedding matrices are decayed, as in Hugging Face's BERT recipes.
+`build_optimizer` makes AdamW (the fused kernel on CPU and CUDA; on CPU it updates about 7x faster than
+the foreach one, docs/RESULTS.md), our LAMB (`bertforge.train.lamb`) or `torch.optim.Adafactor` over
+two parameter groups: weight decay on matrices, none on biases and norm weights (every tensor with
+ndim < 2, or whose name contains "norm", which covers the embeddings' LayerNorm). Embedding matrices
+are decayed, as in Hugging Face's BERT recipes.
 
 Every schedule is one pure function, `lr_multiplier(progress, cfg, total_steps)`, of training progress
 in [0, 1] (clamped outside it), so boundaries can be tested directly:
