@@ -13,6 +13,14 @@ only that model; `rss_before` is its RSS once data and model are built.
     python benchmarks/bench_pretrain.py --presets mini small --batch 32 --steps 10
 
 Prints one JSON line per preset: tokens/s of both, the ratio (ours / HF) and both peak RSS.
+
+A recipe's real run beside its bare step (`--recipe`): the same model, batch and masking rate as the
+recipe file, timed two ways in the same invocation: the bare step in this process (forward + backward +
+the recipe's optimizer on prepared rows, masks drawn once), and a real `bertforge pretrain` run of that
+recipe on the same prepared data (data loading, masking in the collator, clipping, the schedule, logging;
+no evaluation), its steady state being the median tokens/s of its logged windows after the first two:
+
+    python benchmarks/bench_pretrain.py --recipe configs/cpu-budget.yaml --data runs/shards8k --steps 40
 """
 
 from __future__ import annotations
@@ -147,6 +155,57 @@ def compare(preset: str, batch: int, seq_len: int, steps: int, threads: int) -> 
             "torch": torch.__version__}
 
 
+def recipe_bare_step(recipe: str, data: str, steps: int) -> dict:
+    """The recipe's model + optimizer on its batch shape, prepared rows and masking rate; no data loading."""
+    from bertforge.config import load_run_config
+    from bertforge.data.dataset import PackedDataset
+    from bertforge.data.masking import MLMCollator
+    from bertforge.model.heads import BertForMaskedLM
+    from bertforge.train.optim import build_optimizer
+    from bertforge.train.pretrain import PretrainRunConfig, build_model_config, data_tokenizer_path
+    from bertforge.wordpiece import WordPieceTokenizer
+
+    cfg = load_run_config(PretrainRunConfig, file=recipe, overrides=[f"data.path={data}"])
+    rows = PackedDataset(data, "train")
+    tok = WordPieceTokenizer.from_pretrained(data_tokenizer_path(cfg.data, rows.manifest))
+    torch.manual_seed(0)
+    model = BertForMaskedLM(build_model_config(cfg.model, tok.vocab_size)).train()
+    opt = build_optimizer(model, cfg.optim, "cpu")
+    b = MLMCollator.from_tokenizer(tok, cfg.masking, seed=0)(rows.batch(np.arange(cfg.train.batch_size)))
+
+    def step():
+        out = model(**b)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm or 1e9)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return {"tokens_per_s": round(int(b["attention_mask"].sum()) / statistics.median(times), 1),
+            "batch": cfg.train.batch_size}
+
+
+def recipe_real_run(recipe: str, data: str, steps: int, threads: int) -> dict:
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "bertforge", "pretrain", "--config", recipe, "--data", data, "--output", tmp,
+               f"train.max_steps={steps}", "train.time_budget=null", "optim.schedule=linear", "train.log_every=5",
+               "train.eval_every=0", "train.eval_every_minutes=0", "train.save_every_minutes=0", "data.eval_rows=64",
+               "train.progress=false", "train.plateau_warn_after=0"]
+        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        windows = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    speeds = [w["tokens_per_s"] for w in windows if "tokens_per_s" in w][2:]
+    return {"tokens_per_s": round(statistics.median(speeds), 1), "windows": len(speeds)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["mini", "small"])
@@ -155,8 +214,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--child", choices=("ours", "hf"))
+    ap.add_argument("--recipe", help="a recipe file: time its real run beside its bare step (needs --data)")
+    ap.add_argument("--data", help="prepared shards for --recipe")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.recipe:
+        bare = recipe_bare_step(args.recipe, args.data, args.steps)
+        real = recipe_real_run(args.recipe, args.data, args.steps, args.threads)
+        print(json.dumps({"bench": "recipe_real_vs_bare", "recipe": args.recipe, "threads": args.threads,
+                          "batch": bare["batch"], "bare_tokens_per_s": bare["tokens_per_s"],
+                          "real_tokens_per_s": real["tokens_per_s"],
+                          "real_over_bare": round(real["tokens_per_s"] / bare["tokens_per_s"], 3)}))
+        return
     if args.child:
         print(json.dumps(run_one(args.child, args.presets[0], args.batch, args.seq_len, args.steps)))
         return

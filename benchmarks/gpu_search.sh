@@ -25,8 +25,8 @@ echo "quickstart grid: $((SECONDS - t0)) s"
 timeout ${CPU_TIMEOUT:-240} python benchmarks/recipe_search.py run --grid benchmarks/grids/${CPU_GRID:-cpu}.yaml \
   --out runs/search/cpu --device cuda --parallel ${PARALLEL:-12}
 echo "cpu grid: $((SECONDS - t0)) s"
-python benchmarks/recipe_search.py table --out runs/search/qs > /dev/null
-python benchmarks/recipe_search.py table --out runs/search/cpu > /dev/null
+python benchmarks/recipe_search.py table --out runs/search/qs --marks 1 2 3 > /dev/null
+python benchmarks/recipe_search.py table --out runs/search/cpu --marks 5 10 20 30 60 > /dev/null
 tar czf "$OUT/search.tgz" runs/search/*/results.* runs/search/*/runs/*/variant.json runs/search/*/runs/*/metrics.jsonl \
   runs/search/*/runs/*/summary.json runs/search/*/runs/*/log.txt 2>/dev/null
 cp runs/search/qs/results.md "$OUT/qs.md"; cp runs/search/cpu/results.md "$OUT/cpu.md"

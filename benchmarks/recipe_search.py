@@ -142,20 +142,36 @@ def collect(out: Path) -> list[dict]:
     return rows
 
 
-def table(out: Path) -> str:
+def at_mark(evals: list[dict], tok_s: float, minutes: float) -> dict | None:
+    """The evaluation closest to `minutes` of CPU time (tokens / CPU tokens/s), within 10% of it."""
+    best = min(evals, key=lambda e: abs(e["tokens"] / tok_s / 60 - minutes), default=None)
+    if best is None or abs(best["tokens"] / tok_s / 60 - minutes) > 0.1 * minutes:
+        return None
+    return best
+
+
+def table(out: Path, marks: list[float]) -> str:
+    """Markdown: per variant, held-out loss / accuracy at each CPU-minute mark, top-5 and the most frequent
+    prediction's share at the last evaluation."""
     rows = collect(out)
-    lines = ["| variant | change | CPU tok/s | tokens | steps | half: loss / acc | end: loss / acc / top-5 | "
-             "top prediction (share) |", "|---|---|---|---|---|---|---|---|"]
+    head = " | ".join(f"{m:g} min: loss / acc" for m in marks)
+    lines = [f"| variant | change | CPU tok/s | updates | tokens | {head} | last: loss / acc / top-5 | top prediction (share) |",
+             "|---|---|---|---|---|" + "---|" * len(marks) + "---|---|"]
     for r in rows:
-        e = r["evals"]
+        e, tok_s = r["evals"], r["cpu_tokens_per_s"]
         if not e:
-            lines.append(f"| {r['name']} | {r['change']} | {r['cpu_tokens_per_s']:,.0f} | failed | | | | |")
+            lines.append(f"| {r['name']} | {r['change']} | {tok_s:,.0f} | failed |" + " |" * (len(marks) + 3))
             continue
-        half, end = e[max(0, len(e) // 2 - 1)], e[-1]
+        cells = []
+        for m in marks:
+            x = at_mark(e, tok_s, m)
+            cells.append(f"{x['eval_loss']:.2f} / {x['eval_accuracy']:.1%}" if x else "—")
+        end = e[-1]
+        minutes = end["tokens"] / tok_s / 60
         lines.append(
-            f"| {r['name']} | {r['change']} | {r['cpu_tokens_per_s']:,.0f} | {end['tokens'] / 1e6:.2f}M | "
-            f"{end['step']:,} | {half['eval_loss']:.2f} / {half['eval_accuracy']:.1%} | {end['eval_loss']:.2f} / "
-            f"{end['eval_accuracy']:.1%} / {end.get('eval_top5_accuracy', float('nan')):.1%} | "
+            f"| {r['name']} | {r['change']} | {tok_s:,.0f} | {end['step']:,} | {end['tokens'] / 1e6:.2f}M "
+            f"({minutes:.1f} min) | {' | '.join(cells)} | {end['eval_loss']:.2f} / {end['eval_accuracy']:.1%} / "
+            f"{end.get('eval_top5_accuracy', float('nan')):.1%} | "
             f"{end.get('eval_top_prediction', '?')!r} ({end.get('eval_top_prediction_share', float('nan')):.0%}) |")
     text = "\n".join(lines)
     (out / "results.md").write_text(text + "\n")
@@ -172,15 +188,16 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=1)
     ap.add_argument("--steps", type=int, default=30, help="measure: steps per shape")
     ap.add_argument("--only", nargs="*")
+    ap.add_argument("--marks", type=float, nargs="+", default=[5, 10], help="table: CPU minutes to show")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.stage == "measure":
         measure(load_grid(args.grid), args.out, args.steps)
     elif args.stage == "run":
         run_all(load_grid(args.grid), args.out, args.device, args.parallel, args.only)
-        print(table(args.out))
+        print(table(args.out, args.marks))
     else:
-        print(table(args.out))
+        print(table(args.out, args.marks))
 
 
 if __name__ == "__main__":
