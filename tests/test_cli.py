@@ -55,7 +55,7 @@ def quickstart_dir(tmp_path_factory) -> tuple[Path, str]:
     rc, stdout, err = run("quickstart", "--out", out, "--max-mb", "0.3", "--vocab-size", "2000",
                           "--preset", "tiny", "--minutes", "0.25")
     assert rc == 0, err
-    return out, stdout
+    return out, stdout + "\n[stderr]\n" + err
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +142,10 @@ def test_quickstart_end_to_end(quickstart_dir):
     assert len(losses) >= 2 and losses[-1] < losses[0]  # pretraining moved the loss
     summary = json.loads((out / "summary.json").read_text())
     assert f"accuracy {summary['eval_accuracy']:.1%}" in stdout
+    assert f"top-5 {summary['eval_top5_accuracy']:.1%}" in stdout and "shown as [MASK]" in stdout
+    assert f"{summary['eval_top_prediction_share']:.0%} of all predictions" in stdout
+    live = [line for line in stdout.split("[stderr]")[1].splitlines() if " tok/s left " in line]
+    assert live and "100%" in live[-1] and f"step {summary['step']:,} " in live[-1]  # the live progress line
     page = (out / "masked-predictions.html").read_text(encoding="utf-8")
     assert "<html" in page.lower() and "predicted right" in stdout
     corpus = out / "corpus" / "python_docs.txt"

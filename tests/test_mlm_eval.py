@@ -174,4 +174,4 @@ def test_plateau_warning_on_a_deliberately_bad_config(tiny_setup, tmp_path, caps
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     warnings = [r for r in records if r.get("warning") == "plateau"]
     assert len(warnings) == 1 and warnings[0]["step"] >= 6  # once, after 30% of the 20 steps
-    assert warnings[0]["loss"] > warnings[0]["plateau_level"] - 0.25
+    assert warnings[0]["train_loss"] > warnings[0]["plateau_level"] - 0.25

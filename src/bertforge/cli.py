@@ -73,12 +73,12 @@ def add_quickstart_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder for everything quickstart writes (default: %(default)s)")
     p.add_argument("--vocab-size", type=int, default=8192, metavar="N",
                    help="WordPiece vocabulary size (default: %(default)s)")
-    p.add_argument("--max-mb", type=float, default=1.0, metavar="N",
+    p.add_argument("--max-mb", type=float, default=3.0, metavar="N",
                    help="use at most N MB of the corpus (default: %(default)s)")
-    p.add_argument("--preset", default="mini", choices=("tiny", "mini", "small"),
-                   help="model shape (default: %(default)s: 4 layers, hidden 256)")
+    p.add_argument("--preset", default="budget-mini", choices=("tiny", "mini", "small", "budget-mini", "budget-small"),
+                   help="model shape (default: %(default)s: 4 layers, hidden 256, pre-LN, GeGLU, rotary positions)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--minutes", type=float, default=2.0, metavar="M",
+    p.add_argument("--minutes", type=float, default=3.25, metavar="M",
                    help="pretraining wall-clock budget in minutes (default: %(default)s)")
 
 

@@ -37,13 +37,14 @@ from bertforge.errors import BertforgeError
 
 RUN_HINT = "pass a folder written by `bertforge pretrain` or `bertforge finetune`"
 # evaluation keys that are bookkeeping or redundant with another curve, not plotted
-EVAL_NOT_PLOTTED = {"eval_masked_tokens", "eval_perplexity", "eval_runtime", "eval_samples", "eval_examples"}
+EVAL_NOT_PLOTTED = {"eval_masked_tokens", "eval_perplexity", "eval_runtime", "eval_samples", "eval_examples",
+                    "eval_rows", "eval_mask_rate"}
 FINETUNE_ID_KEYS = ("task", "model", "seed")
 # runs table: (CSV column, markdown header)
 RUN_TABLE = (("run", "run"), ("optimizer", "optimizer"), ("lr", "lr"), ("preset", "preset"), ("steps", "steps"),
              ("tokens", "tokens"), ("tokens_per_s", "tokens/s"), ("wall_s", "wall time"),
              ("train_loss", "train loss"), ("eval_loss", "eval loss"), ("best_eval_loss", "best eval loss"),
-             ("eval_accuracy", "eval acc"), ("best_eval_accuracy", "best eval acc"),
+             ("eval_accuracy", "eval acc"), ("best_eval_accuracy", "best eval acc"), ("eval_top5_accuracy", "eval top-5"),
              ("eval_perplexity", "perplexity"), ("status", "status"))
 RUN_COLUMNS = tuple(c for c, _ in RUN_TABLE)
 CELL_FORMATS = {"steps": "{:,.0f}", "tokens": "{:,.0f}", "tokens_per_s": "{:,.0f}", "lr": "{:.2e}",
@@ -247,7 +248,7 @@ def run_row(run: RunData) -> dict:
         "train_loss": _last(run.train, "loss"),
         "eval_loss": eval_loss, "best_eval_loss": _best(evals, "eval_loss", lower=True),
         "eval_accuracy": _last(evals, "eval_accuracy"), "best_eval_accuracy": _best(evals, "eval_accuracy", lower=False),
-        "eval_perplexity": perplexity, "status": status,
+        "eval_top5_accuracy": _last(evals, "eval_top5_accuracy"), "eval_perplexity": perplexity, "status": status,
     }
 
 

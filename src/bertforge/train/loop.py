@@ -425,7 +425,7 @@ class Trainer:
                    "learned absolute positions (model.position_embedding_type=rotary); see docs/healthy-curves.md")
         dist.print0(message)
         self.log({"step": self.step, "tokens": self.tokens, "elapsed": round(self.elapsed, 2),
-                  "warning": "plateau", "loss": loss, "plateau_level": self.plateau_level})
+                  "warning": "plateau", "train_loss": loss, "plateau_level": self.plateau_level})
 
     def _eta(self) -> float | None:
         p = self.progress()
