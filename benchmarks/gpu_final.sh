@@ -15,12 +15,16 @@ BASE="model.max_position_embeddings=128 model.hidden_dropout_prob=0 model.attent
   train.batch_size=32 optim.lr=1e-3 optim.warmup_ratio=0.05 optim.betas=[0.9,0.98] optim.eps=1e-12 \
   optim.weight_decay=0.01 optim.clip_grad_norm=0.5 masking.mlm_probability=0.25 data.eval_rows=1024 train.log_every=20"
 T=${CONTROL_TOKENS:-5010000}
-python benchmarks/hf_control.py --impl hf --data runs/data/shards8192 --tokens $T --out runs/control/hf model.preset=mini $BASE > runs/control/hf.log 2>&1 &
-python benchmarks/hf_control.py --impl ours --data runs/data/shards8192 --tokens $T --out runs/control/ours model.preset=mini $BASE > runs/control/ours.log 2>&1 &
-python benchmarks/hf_control.py --impl ours --data runs/data/shards8192 --tokens $T --out runs/control/ours-rotary model.preset=mini model.position_embedding_type=rotary $BASE > runs/control/ours-rotary.log 2>&1 &
+timeout ${CONTROL_S:-50} python benchmarks/hf_control.py --impl hf --data runs/data/shards8192 --tokens $T --evals 4 --out runs/control/hf model.preset=mini $BASE > runs/control/hf.log 2>&1 &
+timeout ${CONTROL_S:-50} python benchmarks/hf_control.py --impl ours --data runs/data/shards8192 --tokens $T --evals 4 --out runs/control/ours model.preset=mini $BASE > runs/control/ours.log 2>&1 &
+timeout ${CONTROL_S:-50} python benchmarks/hf_control.py --impl ours --data runs/data/shards8192 --tokens $T --evals 4 --out runs/control/ours-rotary model.preset=mini model.position_embedding_type=rotary $BASE > runs/control/ours-rotary.log 2>&1 &
 wait; tail -n 1 runs/control/*.log
 timeout $((${GPU_SECONDS:-100} + 60)) python -m bertforge pretrain --config configs/gpu-budget.yaml --data runs/data/shards32768 \
   --output runs/gpu-budget train.time_budget=${GPU_SECONDS:-100} train.compile=${GPU_COMPILE:-false} train.progress=false train.eval_every_minutes=0.5 \
   train.save_every_minutes=0 train.log_every=20 > runs/gpu-budget.log 2>&1
-tail -n 3 runs/gpu-budget.log; nvidia-smi --query-gpu=memory.used --format=csv,noheader
-tar czf "$OUT/final.tgz" runs/control runs/gpu-budget/metrics.jsonl runs/gpu-budget/summary.json runs/gpu-budget/config.json runs/gpu-budget.log
+tail -n 3 runs/gpu-budget.log
+# 3. issue 12's GPU table (benchmarks/bench_gpu.py), cut to BENCH_S seconds: its cases run headline first
+timeout $((${BENCH_S:-55} + 20)) python benchmarks/bench_gpu.py --out runs/gpu-bench.json --budget-s ${BENCH_S:-55} > runs/gpu-bench.log 2>&1
+tail -n 30 runs/gpu-bench.json.md 2>/dev/null || tail -n 30 runs/gpu-bench.md 2>/dev/null; tail -n 3 runs/gpu-bench.log
+tar czf "$OUT/final.tgz" runs/control runs/gpu-budget/metrics.jsonl runs/gpu-budget/summary.json runs/gpu-budget/config.json \
+  runs/gpu-budget.log runs/gpu-bench* 2>/dev/null
