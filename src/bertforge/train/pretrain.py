@@ -170,8 +170,10 @@ def main(cfg: PretrainRunConfig) -> dict:
     val_rows = PackedDataset(data_dir, "val") if any(sh["split"] == "val" for sh in manifest["shards"]) else None
     eval_collator = MLMCollator.from_tokenizer(tokenizer, cfg.masking, seed=0)
 
-    def evaluate(m: nn.Module) -> dict:
-        if val_rows is None or not dist.is_main():
+    sharded = dist.is_distributed() and cfg.train.parallel == "fsdp"
+
+    def evaluate(m: nn.Module) -> dict:  # rank 0 only, except under FSDP: its forward needs every rank
+        if val_rows is None or not (dist.is_main() or sharded):
             return {}
         return evaluate_mlm(m, val_rows, eval_collator, cfg.train.batch_size, cfg.data.eval_batches)
 
@@ -188,8 +190,8 @@ def main(cfg: PretrainRunConfig) -> dict:
         atomic_write_text(out / "config.json", json.dumps(run_config, indent=2) + "\n")
     trainer.maybe_resume()
     summary = trainer.fit()
+    trainer.save_model(out / "model")  # consolidated from the shards under FSDP
     if dist.is_main():
-        save_model(model, out / "model", tokenizer=tokenizer)
         from bertforge.atomic import atomic_write_text
 
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
