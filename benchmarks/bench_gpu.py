@@ -13,6 +13,7 @@ Cases, run in priority order (the headline first) so a run cut short by `--budge
          torch.compile / eager
   hf     transformers.BertForMaskedLM (SDPA attention), bf16 / fp32, eager (and compiled for base)
   gc     model.gradient_checkpointing on / off for base at seq 128 and 512 (same tokens per batch)
+  offload  optim.offload=cpu for base (AdamW state and step on the host, copies overlapped)
 
 Timing: `--warmup` steps first (compilation happens there; `compile_s` = warm-up time minus that many
 steady steps), then `--steps` steps between two `torch.cuda.synchronize()`; `step_ms` is their mean.
@@ -65,12 +66,12 @@ class Case:
     batch: int
     seq: int = 128
     gc: bool = False
+    offload: bool = False  # optim.offload=cpu
 
     @property
     def name(self) -> str:
         parts = [self.impl, self.preset, self.layout, self.precision, "compile" if self.compile else "eager"]
-        if self.gc:
-            parts.append("gc")
+        parts += [flag for flag, on in (("gc", self.gc), ("offload", self.offload)) if on]
         return "/".join(parts) + f"/{self.batch}x{self.seq}"
 
 
@@ -88,6 +89,7 @@ class Result:
     peak_mem_gb: float = 0.0
     loss: float = float("nan")
     params_m: float = 0.0
+    attention: str = ""  # HF's attention implementation as loaded
     spec: dict = field(default_factory=dict)
 
 
@@ -105,6 +107,7 @@ def plan(smoke: bool) -> list[Case]:
          Case("ours", "base", "post", "bf16", False, b["base"], gc=True),
          Case("ours", "base", "post", "bf16", False, 64, seq=512),
          Case("ours", "base", "post", "bf16", False, 64, seq=512, gc=True),
+         Case("ours", "base", "post", "bf16", False, b["base"], offload=True),
          Case("ours", "small", "budget", "bf16", True, b["small"]),
          Case("ours", "mini", "budget", "bf16", True, b["mini"]),
          Case("ours", "base", "post", "bf16", True, b["base"])]
@@ -177,7 +180,10 @@ def build_models(case: Case, cfg, device: torch.device) -> torch.nn.Module:
     from bertforge.model.hf_compat import config_to_hf, to_hf_state_dict
 
     hf_cfg = HFConfig(**{k: v for k, v in config_to_hf(cfg, "masked_lm").items() if k != "architectures"})
-    hf_cfg._attn_implementation = "sdpa"
+    try:
+        hf_cfg._attn_implementation = "sdpa"
+    except (AttributeError, ValueError):  # transformers versions differ; SDPA is BERT's default where available
+        pass
     with device:
         hf = HFMLM(hf_cfg)
     hf.load_state_dict(to_hf_state_dict(ours.state_dict(), cfg, "masked_lm", tied=True), strict=True)
@@ -236,10 +242,12 @@ def run_case(case: Case, args, device: torch.device) -> Result:
     cfg = model_config(case, args.cpu_smoke)
     model = build_models(case, cfg, device).train()
     res.params_m = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    res.attention = str(getattr(getattr(model, "config", None), "_attn_implementation", cfg.attn_implementation))
     batch = make_batch(case.batch, case.seq, min(VOCAB, cfg.vocab_size), device)
     labelled = int((batch["labels"] != -100).sum())
     res.model_tflop_per_step = train_flops(cfg, case.batch, case.seq, labelled, sparse=case.impl == "ours") / 1e12
-    opt = build_optimizer(model, OptimConfig(lr=1e-4, betas=(0.9, 0.98), eps=1e-12), device.type)
+    opt = build_optimizer(model, OptimConfig(lr=1e-4, betas=(0.9, 0.98), eps=1e-12,
+                                             offload="cpu" if case.offload else "none"), device.type)
     fwd = torch.compile(model, backend=args.compile_backend) if case.compile else model
     dtype = torch.bfloat16 if case.precision == "bf16" else None
 
@@ -302,8 +310,9 @@ def markdown(meta: dict, results: list[Result]) -> str:
     for r in results:
         s, ok = r.spec, r.status == "ok"
         status = "ok" if ok else f"{r.status}: {r.error[:80]}"
+        mode = ("compile" if s["compile"] else "eager") + (" + offload" if s.get("offload") else "")
         lines.append(f"| {s['impl']} | {s['preset']} | {s['layout']} | {s['precision']} | "
-                     f"{'compile' if s['compile'] else 'eager'} | {'on' if s['gc'] else 'off'} | "
+                     f"{mode} | {'on' if s['gc'] else 'off'} | "
                      f"{s['batch']} x {s['seq']} | {fmt(r.tokens_per_s if ok else None, ',.0f')} | "
                      f"{fmt(100 * r.mfu if ok else None, '.1f')}{'%' if ok else ''} | "
                      f"{fmt(r.step_ms if ok else None, '.1f')} | {fmt(r.peak_mem_gb if ok else None, '.2f')} | "
@@ -328,6 +337,7 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="device dense bf16 peak for MFU")
     ap.add_argument("--only", nargs="*", default=[], help="run only cases whose name contains one of these")
     ap.add_argument("--compile-backend", default="inductor")
+    ap.add_argument("--tf32", action="store_true", help="fp32 matmuls on TF32 tensor cores (off, as in training)")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="tiny shapes on the CPU, aot_eager compile, 1+1 steps: checks the script runs")
     ap.add_argument("--list", action="store_true", help="print the cases in order and exit")
@@ -343,6 +353,8 @@ def main() -> None:
         sys.exit("bench_gpu: no CUDA device; use --cpu-smoke to check the script on a CPU")
     else:
         device = torch.device("cuda")
+    if args.tf32:
+        torch.set_float32_matmul_precision("high")
     import transformers
 
     start = time.perf_counter()

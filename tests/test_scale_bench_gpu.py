@@ -41,17 +41,17 @@ def test_train_flops_match_the_counted_matmuls(impl, layout):
 @pytest.mark.slow
 def test_cpu_smoke_runs_and_records_every_case(tmp_path):
     out = tmp_path / "gpu.json"
-    cases = ["ours/base/budget/bf16/compile/4x32", "hf/base/post/fp32/eager", "gc/4x64"]
+    cases = ["ours/base/budget/bf16/compile/4x32", "hf/base/post/fp32/eager", "gc/4x64", "offload"]
     proc = subprocess.run([sys.executable, str(BENCH / "bench_gpu.py"), "--cpu-smoke", "--out", str(out),
                            "--only", *cases], capture_output=True, text=True, timeout=240,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     names = [r["case"] for r in data["results"]]
-    assert len(names) == 4 and all(r["status"] == "ok" for r in data["results"]), data["results"]
+    assert len(names) == 5 and all(r["status"] == "ok" for r in data["results"]), data["results"]
     for r in data["results"]:
         assert r["tokens_per_s"] > 0 and r["model_tflop_per_step"] > 0 and r["loss"] > 0
         assert (r["compile_s"] is not None) == r["spec"]["compile"]
     assert data["meta"]["peak_tflops"] == 989.0
     table = out.with_suffix(".md").read_text()
-    assert table.count("\n| ours") + table.count("\n| hf") == 4
+    assert table.count("\n| ours") + table.count("\n| hf") == 5
