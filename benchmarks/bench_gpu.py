@@ -331,7 +331,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="JSON results; the markdown table goes beside (.md)")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per case")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation happens here)")
-    ap.add_argument("--budget-s", type=float, default=170.0,
+    ap.add_argument("--budget-s", type=float, default=160.0,
                     help="skip cases that would end past this many seconds since start")
     ap.add_argument("--case-timeout-s", type=float, default=120.0, help="give up on one case after this long")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="device dense bf16 peak for MFU")
