@@ -125,7 +125,7 @@ class Trainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batches: Any,
                  cfg: TrainConfig, *, evaluate: Callable[[nn.Module], dict] | None = None,
                  save_model: Callable[[nn.Module, Path], None] | None = None, run_config: dict | None = None,
-                 clip_grad_norm: float | None = None):
+                 clip_grad_norm: float | None = None, supports_fsdp: bool = False):
         cfg.validate()
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
@@ -135,6 +135,7 @@ class Trainer:
         self.optimizer, self.scheduler, self.batches = optimizer, scheduler, batches
         self.evaluate_fn, self.save_model_fn, self.run_config = evaluate, save_model, run_config or {}
         self.clip_grad_norm = clip_grad_norm
+        self.supports_fsdp = supports_fsdp  # the caller evaluates on every rank and saves through save_model()
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.best: float | None = None
@@ -155,6 +156,10 @@ class Trainer:
         wrapped = model
         if dist.is_distributed() and self.cfg.parallel == "fsdp":
             from bertforge.train import fsdp
+
+            if not self.supports_fsdp:
+                raise BertforgeError("train.parallel=fsdp is supported by `bertforge pretrain`: use "
+                                     "train.parallel=ddp for this command")
 
             fsdp.shard_model(model, self.optimizer, self.device)
         elif dist.is_distributed():

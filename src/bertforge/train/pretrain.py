@@ -182,7 +182,7 @@ def main(cfg: PretrainRunConfig) -> dict:
 
     trainer = Trainer(model, optimizer, scheduler, batches, cfg.train, evaluate=evaluate,
                       save_model=write_model, run_config=run_config,
-                      clip_grad_norm=cfg.optim.clip_grad_norm or None)
+                      clip_grad_norm=cfg.optim.clip_grad_norm or None, supports_fsdp=True)
     out = Path(cfg.train.output_dir)
     if dist.is_main():
         from bertforge.atomic import atomic_write_text
