@@ -282,6 +282,11 @@ COMMANDS: dict[str, Command] = {
         "bertforge.train.pretrain_cli:add_sanity_arguments", "bertforge.train.pretrain_cli:run_sanity",
         "  bertforge sanity --data data/shards\n"
         "  bertforge sanity --config configs/cpu-budget.yaml --data data/shards optim.lr=1.0   # fails, says why"),
+    "plan": Command(
+        "estimate training memory (weights, gradients, optimizer, activations) and which devices it fits",
+        "bertforge.plan:add_plan_arguments", "bertforge.plan:run_plan",
+        "  bertforge plan --preset base --batch 32 --seq 128 --precision bf16\n"
+        "  bertforge plan --preset large --batch 8 --seq 512 --gradient-checkpointing --offload --device-gb 24"),
     "inspect": Command(
         "a model's predictions at masked positions, right/wrong, in the terminal or as HTML",
         "bertforge.inspect_mlm:add_inspect_arguments", "bertforge.inspect_mlm:run_inspect",
