@@ -59,7 +59,6 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from unittest import mock
@@ -191,12 +190,13 @@ def uses_remote_code(config: BertConfig) -> bool:
 
 def transformers_config(config: BertConfig, head: str, *, num_labels: int | None = None,
                         id2label: Mapping[int, str] | None = None, meta: Mapping | None = None) -> dict:
-    """The config.json of a transformers folder: HF BERT's, or ours with `auto_map` (see module doc)."""
+    """The config.json of a transformers folder: HF BERT's, or ours with `auto_map` (see module doc).
+    `meta` None leaves the `bertforge` block out (a plain export); a dict (even empty) writes it."""
     from bertforge import __version__
 
-    block = {"version": __version__, "head": head, "meta": dict(meta or {})}
+    block = {} if meta is None else {"bertforge": {"version": __version__, "head": head, "meta": dict(meta)}}
     if not uses_remote_code(config):
-        return {**hf_compat.config_to_hf(config, head, num_labels, id2label), "bertforge": block}
+        return {**hf_compat.config_to_hf(config, head, num_labels, id2label), **block}
     doc = {"architectures": [REMOTE_CLASSES[head]], "model_type": REMOTE_MODEL_TYPE,
            "auto_map": {auto: f"{Path(MODELING_FILE).stem}.{cls}" for auto, cls in AUTO_MAP.items()},
            **{k: v for k, v in config.to_dict().items() if k not in _NOT_MODEL_FIELDS},
@@ -204,7 +204,7 @@ def transformers_config(config: BertConfig, head: str, *, num_labels: int | None
     if head == "sequence_classification":
         labels = hf_compat.config_to_hf(BertConfig(), head, num_labels, id2label)
         doc.update({k: labels[k] for k in ("id2label", "label2id", "problem_type")})
-    return {**doc, "bertforge": block}
+    return {**doc, **block}
 
 
 def transformers_state_dict(model: nn.Module, head: str) -> dict[str, torch.Tensor]:
@@ -217,22 +217,33 @@ def transformers_state_dict(model: nn.Module, head: str) -> dict[str, torch.Tens
 
 def write_transformers_folder(model: nn.Module, head: str, folder: Path, *, tokenizer=None,
                               num_labels: int | None = None, id2label: Mapping[int, str] | None = None,
-                              meta: Mapping | None = None) -> None:
-    """Write config.json, model.safetensors, the tokenizer (model_max_length = the model's positions)
-    and, for non-BERT architectures, modeling_bertforge.py into the existing folder `folder`."""
+                              meta: Mapping | None = None, weights: bool = True) -> None:
+    """Write config.json, model.safetensors (unless not `weights`), the tokenizer (model_max_length =
+    the model's positions) and, for non-BERT architectures, modeling_bertforge.py into `folder`."""
     doc = transformers_config(model.config, head, num_labels=num_labels, id2label=id2label, meta=meta)
     try:
         text = json.dumps(doc, indent=2)
     except TypeError as e:
         raise BertforgeError(f"model metadata for '{folder}' is not JSON-serialisable ({e}): keep meta to "
                              f"strings, numbers, lists and dicts") from None
-    state = transformers_state_dict(model, head)
-    save_file(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    if weights:
+        save_file(transformers_state_dict(model, head), folder / WEIGHTS_NAME, metadata={"format": "pt"})
     (folder / CONFIG_NAME).write_text(text + "\n", encoding="utf-8")
     if uses_remote_code(model.config):
         (folder / MODELING_FILE).write_text(modeling_source(), encoding="utf-8")
     if tokenizer is not None:
-        tokenizer.save(folder, model_max_length=model.config.max_position_embeddings)
+        tokenizer.save(folder)
+        set_model_max_length(folder, model.config.max_position_embeddings)
+
+
+def set_model_max_length(folder: Path, positions: int) -> None:
+    """tokenizer_config.json's `model_max_length` := the model's position count (what transformers'
+    tokenizers truncate to), whatever the tokenizer object wrote."""
+    path = folder / "tokenizer_config.json"
+    if path.is_file():
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc["model_max_length"] = positions
+        path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def read_remote_config(raw: Mapping) -> tuple[BertConfig, str, dict]:
@@ -304,9 +315,3 @@ def export_onnx(model: nn.Module, head: str, folder: Path, *, pooling: str | Non
                           output_names=list(names), dynamic_shapes={k: axes for k in ONNX_INPUTS},
                           opset_version=opset, dynamo=True, external_data=False, verbose=False)
     return {"inputs": list(ONNX_INPUTS), "outputs": list(names), "opset": opset}
-
-
-def copy_remote_code(folder: Path, target: Path) -> None:
-    """Copy the modeling file of a remote-code folder (e.g. beside an ONNX export's config.json)."""
-    if (folder / MODELING_FILE).is_file():
-        shutil.copyfile(folder / MODELING_FILE, target / MODELING_FILE)

@@ -136,11 +136,15 @@ def save_model(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any
 
 
 def export_hf(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = None,
-              id2label: Mapping[int, str] | None = None) -> None:
-    """Write `model` as a plain Hugging Face BERT directory (no remote code); BERT architectures only."""
+              id2label: Mapping[int, str] | None = None, remote_code: bool = False) -> None:
+    """Write `model` as a plain Hugging Face BERT directory, without bertforge's metadata block.
+
+    Other architectures raise, unless `remote_code`: then they get our modeling file (see `export`).
+    """
     model = unwrap(model)
     head, config, target = head_name(model), model.config, Path(directory)
-    hf_compat.require_hf_compatible(config)
+    if not remote_code:
+        hf_compat.require_hf_compatible(config)
     num_labels = _num_labels(model, head)
     id2label = _id2label(id2label, num_labels, f"export_hf('{target}')")
     _check_tokenizer(tokenizer, config, f"export_hf('{target}')")
