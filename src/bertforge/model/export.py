@@ -59,6 +59,8 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import logging
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from unittest import mock
@@ -310,8 +312,17 @@ def export_onnx(model: nn.Module, head: str, folder: Path, *, pooling: str | Non
     seq = torch.export.Dim("sequence", min=1, max=config.max_position_embeddings)
     axes = {0: batch, 1: torch.export.Dim("choices"), 2: seq} if choice else {0: batch, 1: seq}
     names = ONNX_OUTPUTS[head]
-    with torch.no_grad(), mock.patch.object(bert_module, "extended_attention_mask", _always_mask):
-        torch.onnx.export(wrapper, (ids, mask, types), str(folder / ONNX_NAME), input_names=list(ONNX_INPUTS),
-                          output_names=list(names), dynamic_shapes={k: axes for k in ONNX_INPUTS},
-                          opset_version=opset, dynamo=True, external_data=False, verbose=False)
+    with torch.no_grad(), mock.patch.object(bert_module, "extended_attention_mask", _always_mask), \
+            warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used")  # names are kept
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+        level = registry_log.level
+        registry_log.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms"
+        try:
+            torch.onnx.export(wrapper, (ids, mask, types), str(folder / ONNX_NAME), input_names=list(ONNX_INPUTS),
+                              output_names=list(names), dynamic_shapes={k: axes for k in ONNX_INPUTS},
+                              opset_version=opset, dynamo=True, external_data=False, verbose=False)
+        finally:
+            registry_log.setLevel(level)
     return {"inputs": list(ONNX_INPUTS), "outputs": list(names), "opset": opset}
