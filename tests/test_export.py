@@ -275,6 +275,17 @@ def test_legacy_bertforge_folder_still_loads(tmp_path):
             load_model(folder)
 
 
+def test_folder_with_an_unknown_switch_is_refused(tmp_path):
+    """A remote-code folder from a newer bertforge with a switch this one lacks: an error, not a
+    silently different model."""
+    save_model(randomized("base", None, tiny(**BUDGET)), tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["bertforge"]["config_fields"].append("attention_sinks")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "attention_sinks": 4}))
+    with pytest.raises(BertforgeError, match=r"attention_sinks.*upgrade bertforge"):
+        load_model(tmp_path / "m")
+
+
 @pytest.mark.parametrize("positions", [64, 128])
 def test_tokenizer_model_max_length_is_the_position_count(positions, tmp_path):
     config = BertConfig.from_preset("budget-mini" if positions == 128 else "tiny", vocab_size=99,
@@ -321,7 +332,7 @@ def test_convert_cli_budget_model(tmp_path, capsys):
     assert "trust_remote_code=True" in out and "bertforge (masked_lm) -> hf" in out
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["auto_map"]["AutoModelForMaskedLM"] == "modeling_bertforge.BertforgeForMaskedLM"
-    assert "bertforge" not in cfg  # a plain export carries no run metadata
+    assert "meta" not in cfg["bertforge"]  # a plain export carries no run metadata
     assert main(["convert", str(tmp_path / "m"), str(tmp_path / "st"), "--to", "sentence-transformers"]) == 0
     assert json.loads((tmp_path / "st" / "1_Pooling" / "config.json").read_text())["pooling_mode_mean_tokens"]
     assert (tmp_path / "st" / export.MODELING_FILE).is_file()

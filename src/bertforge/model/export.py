@@ -18,8 +18,9 @@ lines become `pass` (or `alias = name`), since everything then lives in one modu
 inliner cannot follow (`import bertforge.x`, two modules defining one top-level name) is an error at
 export time, never a broken file on a user's disk.
 
-Both layouts carry a `bertforge` block in config.json (version, head, run metadata) that transformers
-keeps and ignores, so `load_model` gets back everything `save_model` was given.
+Both layouts carry a `bertforge` block in config.json (version, head, run metadata; the remote-code
+layout also lists our config fields, so an older bertforge refuses a folder with a switch it lacks)
+that transformers keeps and ignores, so `load_model` gets back everything `save_model` was given.
 
 **Why not ModernBERT's classes for the budget presets** (`transformers.ModernBertConfig`, no remote
 code)? ModernBERT is pre-LN, bias-free and GeGLU like our budget presets, with the same fused `Wqkv`,
@@ -193,12 +194,17 @@ def uses_remote_code(config: BertConfig) -> bool:
 def transformers_config(config: BertConfig, head: str, *, num_labels: int | None = None,
                         id2label: Mapping[int, str] | None = None, meta: Mapping | None = None) -> dict:
     """The config.json of a transformers folder: HF BERT's, or ours with `auto_map` (see module doc).
-    `meta` None leaves the `bertforge` block out (a plain export); a dict (even empty) writes it."""
+    `meta` (run metadata) goes into the `bertforge` block; None leaves the block out of a plain HF BERT
+    export. The remote-code layout always has the block, with the names of our config fields in it,
+    so that a bertforge without one of them refuses the folder instead of silently dropping a switch."""
     from bertforge import __version__
 
-    block = {} if meta is None else {"bertforge": {"version": __version__, "head": head, "meta": dict(meta)}}
+    block = {"version": __version__, "head": head}
     if not uses_remote_code(config):
-        return {**hf_compat.config_to_hf(config, head, num_labels, id2label), **block}
+        extra = {} if meta is None else {"bertforge": {**block, "meta": dict(meta)}}
+        return {**hf_compat.config_to_hf(config, head, num_labels, id2label), **extra}
+    fields_ = sorted(k for k in config.to_dict() if k not in _NOT_MODEL_FIELDS)
+    block = {**block, "config_fields": fields_, **({} if meta is None else {"meta": dict(meta)})}
     doc = {"architectures": [REMOTE_CLASSES[head]], "model_type": REMOTE_MODEL_TYPE,
            "auto_map": {auto: f"{Path(MODELING_FILE).stem}.{cls}" for auto, cls in AUTO_MAP.items()},
            **{k: v for k, v in config.to_dict().items() if k not in _NOT_MODEL_FIELDS},
@@ -206,7 +212,7 @@ def transformers_config(config: BertConfig, head: str, *, num_labels: int | None
     if head == "sequence_classification":
         labels = hf_compat.config_to_hf(BertConfig(), head, num_labels, id2label)
         doc.update({k: labels[k] for k in ("id2label", "label2id", "problem_type")})
-    return {**doc, **block}
+    return {**doc, "bertforge": block}
 
 
 def transformers_state_dict(model: nn.Module, head: str) -> dict[str, torch.Tensor]:
@@ -251,8 +257,12 @@ def set_model_max_length(folder: Path, positions: int) -> None:
 def read_remote_config(raw: Mapping) -> tuple[BertConfig, str, dict]:
     """(config, head, bertforge block) of a remote-code config.json (ours or re-saved by transformers)."""
     names = set(BertConfig.__dataclass_fields__) - set(_NOT_MODEL_FIELDS)
-    config = BertConfig.from_dict({k: raw[k] for k in names if k in raw})
     block = raw.get("bertforge") if isinstance(raw.get("bertforge"), dict) else {}
+    unknown = sorted(set(block.get("config_fields", ())) - names)
+    if unknown:
+        raise BertforgeError(f"model config fields {unknown} are unknown to this bertforge (the folder was "
+                             f"written by bertforge {block.get('version')}): upgrade bertforge to load it")
+    config = BertConfig.from_dict({k: raw[k] for k in names if k in raw})
     archs = raw.get("architectures") or [REMOTE_CLASSES[block.get("head", "base")]]
     if len(archs) != 1 or archs[0] not in REMOTE_HEADS:
         raise BertforgeError(f"config architectures {archs} is not supported: use one of "
