@@ -7,6 +7,7 @@ Each graph is exported once at (B=2, T=8) and run by onnxruntime at other batch 
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -71,11 +72,15 @@ def session(path) -> ort.InferenceSession:
 
 # every head on the budget architecture; the BERT architecture through its encoder and MLM head
 CASES = [(h, n, "budget") for h, n in HEADS] + [("base", None, "bert"), ("masked_lm", None, "bert")]
+ARCHS = {"budget": BUDGET, "bert": {}}
+if "position_embedding_type" in {f.name for f in fields(BertConfig)}:  # rotary positions, where they exist
+    CASES.append(("masked_lm", None, "budget-rotary"))
+    ARCHS["budget-rotary"] = {**BUDGET, "position_embedding_type": "rotary"}
 
 
 @pytest.mark.parametrize("head,num_labels,arch", CASES, ids=[f"{h}-{a}" for h, _, a in CASES])
 def test_onnx_equals_ours(head, num_labels, arch, tmp_path):
-    model = randomized(head, num_labels, tiny(**(BUDGET if arch == "budget" else {})))
+    model = randomized(head, num_labels, tiny(**ARCHS[arch]))
     info = export.export_onnx(model, head, tmp_path)
     assert info["outputs"] == list(export.ONNX_OUTPUTS[head])
     sess = session(tmp_path / export.ONNX_NAME)
