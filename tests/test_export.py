@@ -340,3 +340,22 @@ def test_convert_cli_budget_model(tmp_path, capsys):
     help_text = capsys.readouterr().out
     for target in ("hf", "sentence-transformers", "onnx", "bertforge", "trust_remote_code", "dynamic batch"):
         assert target in help_text
+
+
+def test_sentence_train_saves_a_budget_model(tmp_path, capsys):
+    """sentence-train on a budget (pre-LN, no bias, GeGLU) model ends with a model sentence-transformers
+    loads (it used to train to the end and then fail at saving)."""
+    from sentence_transformers import SentenceTransformer
+
+    save_model(randomized("base", None, tiny(**BUDGET), seed=4), tmp_path / "m", tokenizer=tokenizer())
+    rows = ["pair_ID\tsentence_A\tsentence_B\trelatedness_score\tentailment_judgment"]
+    rows += [f"{i}\t{TEXTS[i % 5]}\t{TEXTS[(i * 2) % 5]}\t{1 + i % 5}\tNEUTRAL" for i in range(16)]
+    (tmp_path / "sick.txt").write_text("\n".join(rows) + "\n")
+    assert main(["sentence-train", "--model", str(tmp_path / "m"), "--train", str(tmp_path / "sick.txt"),
+                 "--loss", "cosine", "--output", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "4",
+                 "--no-progress"]) == 0, capsys.readouterr().err
+    model = tmp_path / "run" / "model"
+    assert (model / "modules.json").is_file() and (model / export.MODELING_FILE).is_file()
+    theirs = SentenceTransformer(str(model), device="cpu", trust_remote_code=True).encode(TEXTS)
+    ours = SentenceEncoder.from_pretrained(model).encode(TEXTS, tokenizer()).numpy()
+    assert abs(theirs - ours).max() <= TOL
