@@ -41,11 +41,20 @@ architecture (a retrain), not a renaming of weights:
 5. attention alternates local (sliding-window) and global layers by default (`global_attn_every_n_layers
    = 1` turns that off).
 
-So the route would be a new preset family (rotary, `type_vocab_size` 1 or none, no layer-0 attention
-norm, ModernBERT's classifier heads), not an export trick. Gains: no `trust_remote_code`, ModernBERT's
-kernels (unpadding, FlashAttention) and tooling for free. Costs: our NSP head and tanh-pooler heads go,
-token types go (sentence-pair tasks lose their segment signal), and every trained budget model must be
-retrained. The remote-code route here exports every model bertforge trains, exactly, today.
+So the route would be a new preset family (rotary, no token types, no layer-0 attention norm,
+ModernBERT's classifier/QA heads), not an export trick; its encoder and MLM head would then map one
+to one (`embeddings.word_embeddings` -> `model.embeddings.tok_embeddings`, `embeddings.norm` ->
+`model.embeddings.norm`, `layers.i.attention.qkv|out` -> `model.layers.i.attn.Wqkv|Wo`, `attn_norm`
+-> `attn_norm` (i > 0), `ffn_norm` -> `mlp_norm`, `ffn.up|down` -> `mlp.Wi|Wo`, `final_norm` ->
+`model.final_norm`, `cls.dense|norm` -> `head.dense|norm`, `cls.bias` -> `decoder.bias`). Compute
+and size barely move (the dropped tables are 0.28% of budget-mini's encoder parameters, 0.06% of
+crammed's; RoPE adds elementwise work on q and k). Gains: no `trust_remote_code`; tools that run only
+architectures they implement (Text Embeddings Inference; Optimum's ONNX exporter, which needs an
+export config per model type) take the models; transformers' ModernBERT kernels (unpadding,
+FlashAttention) come free. Costs: NSP pretraining and the
+tanh-pooler heads go, sentence-pair tasks lose their segment embedding, every budget model trained so
+far must be retrained, and masked-LM quality per CPU hour with those changes is unmeasured (it needs
+the recipe runs). The remote-code route here exports every model bertforge trains, exactly, today.
 
 ONNX (`export_onnx`): the torch.export-based exporter (`dynamo=True`, onnxscript), dynamic batch and
 sequence axes (and choices for multiple choice), inputs `input_ids`, `attention_mask`,
