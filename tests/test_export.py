@@ -133,12 +133,6 @@ def assert_close(ours: dict, theirs: dict, tol: float = TOL) -> None:
         assert diff <= tol, f"{name}: max abs diff {diff:.2e}"
 
 
-@pytest.fixture(autouse=True)
-def _modules_cache(tmp_path, monkeypatch):
-    """transformers copies remote code into HF_MODULES_CACHE: keep it inside the test's folder."""
-    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
-
-
 # ----------------------------------------------------------------------------- transformers
 
 
