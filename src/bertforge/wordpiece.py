@@ -120,16 +120,13 @@ class WordPieceTokenizer:
             return cls(_read_vocab(path), _Settings())
         raise BertforgeError(f"tokenizer path '{path}' does not exist: pass a tokenizer folder or vocab.txt")
 
-    def save(self, directory: str | os.PathLike, *, model_max_length: int | None = None) -> None:
+    def save(self, directory: str | os.PathLike) -> None:
         """Write vocab.txt, tokenizer.json, tokenizer_config.json and special_tokens_map.json.
 
-        `model_max_length` (tokens a model reads) is written for transformers when given: pass the
-        model's `max_position_embeddings` when saving beside a model. A tokenizer saved on its own
-        knows no model and leaves it out (transformers then treats the length as unlimited).
+        A tokenizer knows no model, so tokenizer_config.json claims no `model_max_length`
+        (transformers then treats the length as unlimited); saving beside a model sets it to the
+        model's position count (`bertforge.model.export.set_model_max_length`).
         """
-        if model_max_length is not None and (not isinstance(model_max_length, int) or model_max_length < 2):
-            raise BertforgeError(f"model_max_length={model_max_length!r} is invalid: pass the model's "
-                                 "max_position_embeddings")
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         (out / "vocab.txt").write_text("".join(t + "\n" for t in self._vocab), encoding="utf-8")
@@ -139,8 +136,6 @@ class WordPieceTokenizer:
                   "strip_accents": self.strip_accents,
                   "tokenize_chinese_chars": self._settings.tokenize_chinese_chars,
                   "clean_up_tokenization_spaces": True, **special}
-        if model_max_length is not None:
-            config["model_max_length"] = model_max_length
         _write_json(out / "tokenizer_config.json", config)
         _write_json(out / "special_tokens_map.json", special)
 
