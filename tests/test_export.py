@@ -14,6 +14,7 @@ import ast
 import inspect
 import itertools
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -230,6 +231,21 @@ def test_modeling_file_is_our_source():
     assert imported and not [m for m in imported if m.split(".")[0] == "bertforge"], imported
     assert {m.split(".")[0] for m in imported} <= {"__future__", "math", "dataclasses", "torch", "transformers"}
     assert source.count("from __future__ import annotations") == 1
+
+
+@pytest.mark.parametrize("text,error", [
+    ("from bertforge.model import bert\n", "import the names it defines"),
+    ("import bertforge.errors\n", "use `from bertforge.x import name`"),
+    ("from bertforge.errors import BertforgeError\n\ndef require():\n    pass\n", "'require' is defined in both"),
+])
+def test_modeling_source_refuses_what_it_cannot_inline(text, error, tmp_path, monkeypatch):
+    """A future import the generator cannot follow fails at export time, never as a broken file."""
+    (tmp_path / "wrapper.py").write_text(text)
+    real = export._module_path
+    monkeypatch.setattr(export, "_module_path", lambda n: tmp_path / "wrapper.py" if n == "wrapper" else real(n))
+    monkeypatch.setattr(export, "_TEMPLATE", "wrapper")
+    with pytest.raises(RuntimeError, match=re.escape(error)):
+        export.modeling_source()
 
 
 def test_transformers_resave_and_head_change(tmp_path):

@@ -153,11 +153,22 @@ def _bertforge_imports(tree: ast.Module) -> list[ast.stmt]:
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "bertforge":
+            for alias in node.names:  # names only: a module object or `*` cannot be inlined
+                if alias.name == "*" or _is_module(f"{node.module}.{alias.name}"):
+                    raise RuntimeError(f"cannot generate {MODELING_FILE}: `from {node.module} import "
+                                       f"{alias.name}` at line {node.lineno}; import the names it defines")
             found.append(node)
         elif isinstance(node, ast.Import) and any(a.name.split(".")[0] == "bertforge" for a in node.names):
             raise RuntimeError(f"cannot generate {MODELING_FILE}: `import {node.names[0].name}` at line "
                                f"{node.lineno}; use `from bertforge.x import name`")
     return found
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # the parent is a module, not a package
+        return False
 
 
 def _collect(name: str, order: list[str], stack: list[str]) -> None:
