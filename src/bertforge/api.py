@@ -368,6 +368,10 @@ def check_texts(texts: list) -> None:
             raise BertforgeError(f"input #{i} is a {type(t).__name__}, not a string: pass texts as strings")
         if not t.strip():
             raise BertforgeError(f"input #{i} is empty: pass non-empty texts")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BertforgeError(f"input #{i} is not valid Unicode (a lone surrogate): pass UTF-8 text") from None
 
 
 def split_pairs(items: list) -> tuple[list[str], list[str] | None]:

@@ -114,6 +114,8 @@ class Server:
                 raise ApiError(413, f"{what}[{i}] has {len(t):,} characters; the limit is {limits.max_chars:,}")
             if isinstance(t, str) and not t.strip():
                 raise ApiError(422, f"{what}[{i}] is empty: pass non-empty texts")
+            if isinstance(t, str) and not _utf8(t):
+                raise ApiError(422, f"{what}[{i}] is not valid Unicode (it holds a lone surrogate): send UTF-8 text")
 
     async def prepare(self, fn, texts: list, *args):
         """Run a `Model.prepare_*` step (tokenize + checks): inline when small, else in a thread."""
@@ -140,6 +142,14 @@ class Server:
             if min(row) < 0 or max(row) >= model.tokenizer.vocab_size:
                 raise ApiError(422, f"input[{i}] has a token id outside the vocabulary 0..{model.tokenizer.vocab_size - 1}")
         return np.stack(await served.run("embed", rows, [len(r) for r in rows])), sum(map(len, rows))
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def encode_vector(row: np.ndarray, fmt: str) -> list[float] | str:
