@@ -153,6 +153,7 @@ def test_info_health_page_docs(client):
     st = next(m for m in info["models"] if m["name"] == "st")
     assert st["dim"] == 32 and st["max_length"] == 48 and st["head"] == "base" and info["limits"]["max_texts"] == 64
     assert client.get("/health").json() == {"status": "ok", "models": ["mlm", "cls", "reg", "qa", "st"]}
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["mlm", "cls", "reg", "qa", "st"]
     page = client.get("/")
     assert page.status_code == 200 and "bertforge serve" in page.text and "<script" in page.text
     assert "http://" not in page.text and "https://" not in page.text  # no CDN: works offline

@@ -107,6 +107,7 @@ def test_openai_client_equals_embed_and_sentence_transformers(server, minilm, tm
     expected = np.load(tmp_path / "out.npy")
     st = SentenceTransformer(str(minilm), device="cpu").encode(SENTENCES, convert_to_numpy=True)
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list()] == ["minilm", "mlm", "qa", "cls"]
     for fmt in (openai.NOT_GIVEN, "float", "base64"):  # the client's default is base64
         res = client.embeddings.create(model="minilm", input=SENTENCES, encoding_format=fmt)
         if fmt == "base64":  # asked for explicitly, the client hands the strings back as they came

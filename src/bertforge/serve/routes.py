@@ -146,6 +146,11 @@ def add_routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one closur
         out = await server.prepare(lambda ts: served.model.tokenize(ts, req.pairs), texts)
         return {"model": served.model.name, "tokens": out}
 
+    @app.get("/v1/models", tags=["embeddings"], summary="OpenAI-compatible list of the served models")
+    async def list_models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "bertforge"}
+                                           for name in server.served]}
+
     @app.get("/info", tags=["service"], summary="served models, heads, dimensions, lengths and limits")
     async def info():
         from bertforge import __version__
