@@ -11,7 +11,8 @@ sentences through `bertforge embed`'s encoder and `SentenceTransformer.encode`, 
 4. The server stops; in this process, with `torch.set_num_threads(T)`: bertforge's encoder as
    `bertforge embed` runs it (`SentenceEncoder.encode`, batch 64) and sentence-transformers (batch 32)
    embed the same sentences after a warm-up (best of `--repeats`). `max_abs_diff` compares the served
-   vectors with bertforge's.
+   vectors with bertforge's. `model_busy_fraction` (model time / wall time, from the server's /metrics)
+   and `model_sent_per_s_in_server` split the gap to `bertforge embed` into idle time and batch shape.
 
 Goals (issue 10): `ratio_vs_sentence_transformers` >= 1.2, `ratio_vs_embed` >= 0.8 and `idle_p99_ms`
 < 50 on 2 cores. One JSON line on stdout.
@@ -51,10 +52,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(path: Path, threads: int, port: int) -> subprocess.Popen:
+def start_server(path: Path, threads: int, port: int, extra: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen([sys.executable, "-m", "bertforge", "serve", f"minilm={path}", "--port", str(port),
-                             "--threads", str(threads), "--log-level", "warning"], env=env)
+                             "--threads", str(threads), "--log-level", "warning", *extra], env=env)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -88,6 +89,17 @@ class PeakRSS:
         self.done.set()
         self.thread.join()
         return self.peak
+
+
+def model_seconds(url: str) -> tuple[float, float]:
+    """(seconds the model ran, batches) so far, from the server's /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    values = {}
+    for line in text.splitlines():
+        for name in ("bertforge_batch_duration_seconds_sum", "bertforge_batch_duration_seconds_count"):
+            if line.startswith(name + "{") and 'kind="embed"' in line:
+                values[name] = float(line.rsplit(" ", 1)[1])
+    return values["bertforge_batch_duration_seconds_sum"], values["bertforge_batch_duration_seconds_count"]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -168,6 +180,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-seconds", type=float, default=300, help="cap on the load phase (default: %(default)s)")
+    p.add_argument("--max-batch-tokens", type=int, default=None, help="passed to bertforge serve (default: its own)")
+    p.add_argument("--max-wait-ms", type=float, default=None, help="passed to bertforge serve (default: its own)")
     p.add_argument("--quick", action="store_true", help="256 sentences, 8 clients, 20 idle requests, 1 repeat")
     args = p.parse_args()
     if args.quick:
@@ -175,14 +189,19 @@ def main() -> None:
     texts = load_sentences(args.sentences)
     load_before = os.getloadavg()[0]
     port = free_port()
-    proc = start_server(model_path(), args.threads, port)
+    extra = [x for flag in ("max_batch_tokens", "max_wait_ms") if getattr(args, flag) is not None
+             for x in (f"--{flag.replace('_', '-')}", str(getattr(args, flag)))]
+    proc = start_server(model_path(), args.threads, port, extra)
     url = f"http://127.0.0.1:{port}"
     try:
         idle = idle_latency(url, args.idle_requests)
         rss = PeakRSS(proc.pid)
+        busy_before, batches_before = model_seconds(url)
         wall, latencies, vectors, sent = asyncio.run(load_run(url, texts, args.clients, args.per_request,
                                                               args.max_seconds))
         peak_rss = rss.stop()
+        busy, batches = model_seconds(url)
+        busy, batches = busy - busy_before, batches - batches_before
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
@@ -192,14 +211,15 @@ def main() -> None:
     diff = max(float(np.abs(vectors[i] - peers["embed"][i]).max()) for i in vectors)
     result = {
         "bench": "serve", "model": "all-MiniLM-L6-v2", "sentences": sent, "clients": args.clients,
-        "per_request": args.per_request, "threads": args.threads,
+        "per_request": args.per_request, "threads": args.threads, "server_args": extra,
         "server_sent_per_s": round(served_rate, 1), "load_p50_ms": round(percentile(latencies, 50), 1),
         "load_p99_ms": round(percentile(latencies, 99), 1), "server_peak_rss_mb": round(peak_rss, 1),
         "idle_p50_ms": round(percentile(idle, 50), 2), "idle_p99_ms": round(percentile(idle, 99), 2),
         "embed_sent_per_s": round(rates["embed"], 1), "sentence_transformers_sent_per_s": round(rates["st"], 1),
         "ratio_vs_embed": round(served_rate / rates["embed"], 3),
         "ratio_vs_sentence_transformers": round(served_rate / rates["st"], 3),
-        "max_abs_diff": diff, "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "model_busy_fraction": round(busy / wall, 3), "batches": int(batches),
+        "model_sent_per_s_in_server": round(sent / busy, 1), "max_abs_diff": diff, "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     result["goals_met"] = {"vs_st_1.2x": result["ratio_vs_sentence_transformers"] >= 1.2,
                            "vs_embed_0.8x": result["ratio_vs_embed"] >= 0.8, "idle_p99_under_50ms":

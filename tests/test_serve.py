@@ -283,3 +283,31 @@ def test_fuzz_only_4xx_and_still_healthy(client):
         assert post(client, "/v1/embeddings", {"model": "st", "input": text})["data"]
     assert client.get("/health").json()["status"] == "ok"
     assert post(client, "/v1/embeddings", {"model": "st", "input": TEXTS})["data"][3]["index"] == 3
+
+
+def test_one_request_split_over_batches_keeps_its_order(models):
+    app = create_app({"st": models["st"]}, ServeSettings(max_batch_tokens=40, max_wait_ms=1))
+    texts = [f"sentence number {i} about the cat on the mat" for i in range(20)]
+    with TestClient(app) as c:
+        out = post(c, "/v1/embeddings", {"input": texts})
+        text = c.get("/metrics").text
+    got = np.asarray([d["embedding"] for d in out["data"]])
+    np.testing.assert_allclose(got, models["st"].encode(texts), atol=1e-5)
+    assert metric(text, "bertforge_batch_requests_count", kind="embed", model="st") >= 1 + 20 * 12 // 40
+
+
+def test_cli_serve_errors(paths, monkeypatch, capsys):
+    from bertforge.cli import main
+
+    assert main(["serve", f"a={paths['st']}", f"a={paths['mlm']}"]) == 2
+    assert "two models are named 'a'" in capsys.readouterr().err
+    assert main(["serve", str(paths["st"]), "--max-texts", "0"]) == 2
+    assert "--max-texts 0 is out of range" in capsys.readouterr().err
+    with __import__("socket").socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["serve", str(paths["st"]), "--port", str(busy.getsockname()[1])]) == 2
+    assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+    monkeypatch.setitem(__import__("sys").modules, "uvicorn", None)  # as if the serve extra were missing
+    assert main(["serve", str(paths["st"])]) == 2
+    assert 'pip install "bertforge[serve]"' in capsys.readouterr().err

@@ -162,10 +162,14 @@ class Model:
     def run_embed(self, ids: list[list[int]]) -> np.ndarray:
         """(N, D) float32 sentence embeddings of prepared id rows, row i for ids[i] (no normalisation beyond
         the model's own)."""
-        from bertforge.model.pooling import _pad, _run, plan_batches
+        from bertforge.model.pooling import TOKENS_PER_BATCH, _pad, _run, plan_batches
 
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        batches = plan_batches(lengths, 64, 2048)
+        threads = torch.get_num_threads()
+        # as `bertforge embed` (64 texts, 2048 tokens per forward), but small sets still give every thread
+        # a forward of its own (a server batch is often a few hundred tokens)
+        budget = min(TOKENS_PER_BATCH, max(32, -(-int(lengths.sum()) // threads)))
+        batches = plan_batches(lengths, 64, budget)
         pad_id = self.tokenizer.pad_token_id
 
         def forward(idx: np.ndarray) -> torch.Tensor:
@@ -174,7 +178,6 @@ class Model:
                 return self.encoder(input_ids, mask)  # (B, H)
 
         out = np.empty((len(ids), self.dim), dtype=np.float32)
-        threads = torch.get_num_threads()
         try:
             for idx, emb in _run(forward, batches, min(threads, len(batches))):
                 out[idx] = emb.float().numpy()

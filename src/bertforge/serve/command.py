@@ -32,8 +32,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default: ${API_KEY_ENV} when set)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser calls from ORIGIN (repeatable; default: CORS off)")
-    p.add_argument("--max-batch-tokens", type=int, default=16384, metavar="N",
-                   help="tokens per dynamic batch across requests (default: %(default)s)")
+    p.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
+                   help="tokens per dynamic batch across requests (default: 2048 per torch thread, so "
+                        "that one batch computes while the next one queues)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, metavar="MS",
                    help="longest a request waits for others to fill a batch (default: %(default)s)")
     p.add_argument("--max-queue-tokens", type=int, default=262144, metavar="N",
@@ -69,7 +70,7 @@ def parse_models(specs: list[str]) -> dict[str, str]:
 def check_settings(args: argparse.Namespace) -> None:
     for flag in ("port", "max_batch_tokens", "max_queue_tokens", "max_texts", "max_chars"):
         value = getattr(args, flag)
-        if value < (0 if flag == "port" else 1) or (flag == "port" and value > 65535):
+        if value is not None and value < (0 if flag == "port" else 1) or (flag == "port" and value > 65535):
             raise BertforgeError(f"--{flag.replace('_', '-')} {value} is out of range: pass a positive number"
                                  + (" up to 65535" if flag == "port" else ""))
     if args.max_wait_ms < 0 or args.max_body_mb <= 0:

@@ -14,10 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from fastapi.responses import JSONResponse, Response
 
 from bertforge.api import Model
 from bertforge.errors import BertforgeError
+from bertforge.model.pooling import TOKENS_PER_BATCH
 from bertforge.serve.batcher import Batcher, QueueFull
 from bertforge.serve.metrics import Metrics
 
@@ -30,7 +32,7 @@ class ServeSettings:
 
     api_key: str | None = None
     cors_origins: list[str] = field(default_factory=list)
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int | None = None  # default: 2048 per torch thread (one forward per thread)
     max_wait_ms: float = 5.0
     max_queue_tokens: int = 262144
     max_texts: int = 2048  # texts per request
@@ -86,6 +88,8 @@ class Server:
     def __init__(self, models: dict[str, Model], settings: ServeSettings) -> None:
         if not models:
             raise BertforgeError("no model to serve: pass at least one model folder")
+        if settings.max_batch_tokens is None:  # filled here, after --threads took effect
+            settings.max_batch_tokens = TOKENS_PER_BATCH * torch.get_num_threads()
         self.settings, self.metrics = settings, Metrics()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="bertforge-model")
         self.served = {name: Served(m, self.executor, self.metrics, settings) for name, m in models.items()}
