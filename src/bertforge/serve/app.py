@@ -16,7 +16,6 @@ limit and the content type before any parsing, and records every request in the 
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import time
@@ -61,7 +60,7 @@ class Guard:
             if problem is None and scope["method"] in ("POST", "PUT", "PATCH"):
                 body, problem = await self.read_body(receive)
                 if problem is None:
-                    receive = _replay(body)
+                    receive = _replay(body, receive)
             if problem is not None:
                 return await error_response(*problem)(scope, receive, send_status)
             await self.app(scope, receive, send_status)
@@ -99,17 +98,19 @@ class Guard:
                 return b"".join(chunks), None
 
 
-def _replay(body: bytes):
+def _replay(body: bytes, receive):
+    """A receive() that hands the app the body already read, then passes on the client's messages
+    (so a disconnect still reaches the app)."""
     sent = False
 
-    async def receive():
+    async def replay():
         nonlocal sent
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        return await asyncio.Event().wait()  # nothing more: wait until cancelled (as a live client would)
+        return await receive()
 
-    return receive
+    return replay
 
 
 # ----------------------------------------------------------------------------- the app

@@ -56,7 +56,7 @@ class Batcher:
     """The queue and worker of one model; `runners[kind](rows) -> results` run in `executor`."""
 
     def __init__(self, model: str, runners: dict[str, Callable[[list], list]], executor: Executor,
-                 metrics: Metrics, *, max_batch_tokens: int = 4096, max_wait_ms: float = 5.0,
+                 metrics: Metrics, *, max_batch_tokens: int = 4096, max_wait_ms: float = 2.0,
                  max_queue_tokens: int = 262144) -> None:
         self.model, self.runners, self.executor, self.metrics = model, runners, executor, metrics
         self.max_batch_tokens, self.max_wait = max_batch_tokens, max_wait_ms / 1000

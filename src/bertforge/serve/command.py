@@ -35,7 +35,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
                    help="tokens per dynamic batch across requests (default: 2048 per torch thread, so "
                         "that one batch computes while the next one queues)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, metavar="MS",
+    p.add_argument("--max-wait-ms", type=float, default=2.0, metavar="MS",
                    help="longest a request waits for others to fill a batch (default: %(default)s)")
     p.add_argument("--max-queue-tokens", type=int, default=262144, metavar="N",
                    help="queued tokens per model before requests get 503 + Retry-After (default: %(default)s)")

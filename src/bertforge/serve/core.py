@@ -33,7 +33,7 @@ class ServeSettings:
     api_key: str | None = None
     cors_origins: list[str] = field(default_factory=list)
     max_batch_tokens: int | None = None  # default: 2048 per torch thread (one forward per thread)
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 2.0
     max_queue_tokens: int = 262144
     max_texts: int = 2048  # texts per request
     max_chars: int = 100_000  # characters per text
