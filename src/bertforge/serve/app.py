@@ -20,17 +20,15 @@ import hmac
 import logging
 import time
 from contextlib import asynccontextmanager
-from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bertforge.api import Model
 from bertforge.serve.core import ApiError, Server, ServeSettings, error_response
-from bertforge.serve.metrics import CONTENT_TYPE
+from bertforge.serve.routes import router
 
 log = logging.getLogger("bertforge.serve")
 OPEN_PATHS = ("/health", "/", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/favicon.ico")
@@ -119,7 +117,6 @@ def _replay(body: bytes, receive):
 def create_app(models: dict[str, Model], settings: ServeSettings | None = None) -> FastAPI:
     """The ASGI app serving `models` (name -> loaded `Model`)."""
     from bertforge import __version__
-    from bertforge.serve.routes import add_routes
 
     settings = settings or ServeSettings()
     server = Server(models, settings)
@@ -148,7 +145,15 @@ def create_app(models: dict[str, Model], settings: ServeSettings | None = None) 
                   description="Embeddings (OpenAI-compatible), similarity, fill-mask, classification and QA "
                               "for BERT models trained or loaded by bertforge.")
     app.state.server = server
-    add_routes(app, server)
+    app.include_router(router)
+
+    add_error_handlers(app)
+    app = _wrap(app, server, settings)
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as an OpenAI-shaped body: ours, pydantic's (422, naming the field) and routing's."""
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -171,20 +176,9 @@ def create_app(models: dict[str, Model], settings: ServeSettings | None = None) 
     async def http_error(request: Request, exc: StarletteHTTPException):
         return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
-    @app.get("/", include_in_schema=False)
-    async def page() -> HTMLResponse:
-        return HTMLResponse(resources.files("bertforge.serve").joinpath("static/index.html").read_text("utf-8"))
-
-    @app.get("/metrics", summary="Prometheus metrics")
-    async def metrics() -> Response:
-        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
-
-    app = _wrap(app, server, settings)
-    return app
-
 
 def _wrap(app: FastAPI, server: Server, settings: ServeSettings):
-    server.paths = {getattr(r, "path", None) for r in app.routes}
+    server.paths = {getattr(r, "path", None) for r in [*app.routes, *router.routes]}
     app.add_middleware(Guard, server=server)
     if settings.cors_origins:  # outermost, so that errors from Guard carry the CORS headers too
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
