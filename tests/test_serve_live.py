@@ -140,8 +140,14 @@ def test_api_key_from_environment(paths, tmp_path):
         assert s.stop()
 
 
+def metric_sum(url: str, prefix: str) -> float:
+    """The sum of the /metrics samples whose line starts with `prefix`."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+
 def test_sigterm_answers_requests_in_flight(paths, tmp_path):
-    s = Server([f"st={paths['st']}"], "--max-wait-ms", "600", log=tmp_path / "term.log")
+    s = Server([f"st={paths['st']}"], "--max-wait-ms", "8000", log=tmp_path / "term.log")
     replies: list = [None] * 8
 
     def send(i: int) -> None:
@@ -151,12 +157,15 @@ def test_sigterm_answers_requests_in_flight(paths, tmp_path):
     threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
-    time.sleep(0.3)  # the requests wait in the batcher (600 ms), the signal arrives meanwhile
+    deadline = time.monotonic() + 8  # until all 36 rows wait in the queue (their batch starts 8 s after the first)
+    while time.monotonic() < deadline and metric_sum(s.url, "bertforge_queue_rows{") < 36:
+        time.sleep(0.05)
+    in_flight = metric_sum(s.url, "bertforge_queue_rows{")
     s.proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(timeout=60)
     assert s.stop()
-    assert replies == [(200, i + 1) for i in range(8)]
+    assert in_flight == 36 and replies == [(200, i + 1) for i in range(8)]
     assert "Waiting for connections to close" in (tmp_path / "term.log").read_text()
 
 
