@@ -311,3 +311,14 @@ def test_cli_serve_errors(paths, monkeypatch, capsys):
     monkeypatch.setitem(__import__("sys").modules, "uvicorn", None)  # as if the serve extra were missing
     assert main(["serve", str(paths["st"])]) == 2
     assert 'pip install "bertforge[serve]"' in capsys.readouterr().err
+
+
+def test_a_failing_model_answers_500_and_the_worker_survives(models):
+    app = create_app({"st": models["st"]})
+    with TestClient(app, raise_server_exceptions=False) as c:
+        runners = app.state.server.served["st"].batcher.runners
+        working, runners["embed"] = runners["embed"], lambda rows: 1 / 0
+        r = c.post("/v1/embeddings", json={"input": "a"})
+        assert r.status_code == 500 and "ZeroDivisionError" in r.json()["error"]["message"]
+        runners["embed"] = working
+        assert post(c, "/v1/embeddings", {"input": "a"})["data"] and c.get("/health").status_code == 200

@@ -172,6 +172,11 @@ def add_error_handlers(app: FastAPI) -> None:
         return error_response(422, f"{where}: {first.get('msg')} ({detail}){more}" if len(loc) > 1
                               else f"{where}: {first.get('msg')}{more}")
 
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception):  # a bug, not a user error: log it, answer one line
+        log.exception("error while serving %s %s", request.method, request.url.path)
+        return error_response(500, f"internal error ({type(exc).__name__}); the server log has the traceback")
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
