@@ -330,6 +330,12 @@ COMMANDS: dict[str, Command] = {
                               st.SENTENCE_EXAMPLES),
     "sts-eval": Command(st.STS_HELP, st.add_sts_eval_arguments, st.run_sts_eval, st.STS_EXAMPLES),
     "distill": Command(st.DISTILL_HELP, st.add_distill_arguments, st.run_distill, st.DISTILL_EXAMPLES),
+    "serve": Command(
+        "serve models over HTTP: OpenAI-compatible embeddings, similarity, fill-mask, classify, QA, a web page",
+        "bertforge.serve.command:add_serve_arguments", "bertforge.serve.command:run_serve",
+        "  bertforge serve path/to/all-MiniLM-L6-v2                 # http://127.0.0.1:8000/\n"
+        "  bertforge serve minilm=path/to/all-MiniLM-L6-v2 mlm=bertforge-quickstart/model --port 8080\n"
+        "  BERTFORGE_API_KEY=s3cret bertforge serve MODEL --host 0.0.0.0 --cors-origin https://app.example"),
 }
 
 
