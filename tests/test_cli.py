@@ -159,7 +159,8 @@ def test_quickstart_end_to_end(quickstart_dir):
         assert rc == 0, err
         infos.append(json.loads(text))
     ours, hf = infos
-    assert ours["source"] == "bertforge" and hf["source"] == "hf"
+    assert ours["source"] == "bertforge"  # the quickstart recipe (rotary): our modeling file rides along
+    assert (out / "model-hf" / "modeling_bertforge.py").is_file() and "trust_remote_code" in stdout
     assert ours["head"] == hf["head"] == "masked_lm"
     assert ours["parameters"] == hf["parameters"]
     vocab = len((out / "tokenizer" / "vocab.txt").read_text(encoding="utf-8").splitlines())

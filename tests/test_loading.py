@@ -95,15 +95,17 @@ def test_round_trip_budget_switches(tmp_path):
 
 
 def test_our_format_on_disk(tmp_path):
-    save_model(randomized("pretraining"), tmp_path / "m", tokenizer=tokenizer())
+    """A BERT architecture is saved as a plain HF BERT folder, plus our `bertforge` block."""
+    save_model(randomized("pretraining", config=tiny(max_position_embeddings=64)), tmp_path / "m",
+               tokenizer=tokenizer(), meta={"task": "demo"})
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert (cfg["model_type"], cfg["head"], cfg["hidden_size"], cfg["norm_position"]) == \
-        ("bertforge", "pretraining", 32, "post")
-    assert "bertforge_version" in cfg
+    assert (cfg["model_type"], cfg["architectures"], cfg["hidden_size"]) == ("bert", ["BertForPreTraining"], 32)
+    assert (cfg["bertforge"]["head"], cfg["bertforge"]["meta"]) == ("pretraining", {"task": "demo"})
     keys = set(load_file(tmp_path / "m" / "model.safetensors"))
-    assert "bert.layers.0.attention.qkv.weight" in keys and "cls.bias" in keys
+    assert "bert.encoder.layer.0.attention.self.query.weight" in keys and "cls.predictions.bias" in keys
     assert not [k for k in keys if "decoder" in k]  # tied to the word embeddings, stored once
     assert {"vocab.txt", "tokenizer.json"} <= {p.name for p in (tmp_path / "m").iterdir()}
+    assert json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())["model_max_length"] == 64
 
 
 def test_save_replaces_an_existing_model(tmp_path):
@@ -121,7 +123,7 @@ def test_failed_save_leaves_no_partial_dir(tmp_path, monkeypatch):
         save_file(state, path, metadata=metadata)
         raise OSError("disk full")
 
-    monkeypatch.setattr(loading, "save_file", save_then_fail)
+    monkeypatch.setattr(loading.export, "save_file", save_then_fail)
     with pytest.raises(OSError, match="disk full"):
         save_model(randomized("masked_lm"), tmp_path / "m")
     assert list(tmp_path.iterdir()) == []
@@ -244,10 +246,10 @@ def test_unreadable_config(tmp_path):
 def test_bad_config_values(tmp_path):
     save_model(randomized("base"), tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "hidden_sise": 3}))
-    error_for(lambda: load_model(tmp_path / "m"), tmp_path / "m" / "config.json", "hidden_sise")
-    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "head": "summarizer"}))
-    error_for(lambda: load_model(tmp_path / "m"), tmp_path / "m" / "config.json", "summarizer")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "hidden_act": "mish"}))
+    error_for(lambda: load_model(tmp_path / "m"), tmp_path / "m" / "config.json", "mish")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "architectures": ["BertSummarizer"]}))
+    error_for(lambda: load_model(tmp_path / "m"), tmp_path / "m" / "config.json", "BertSummarizer")
 
 
 @pytest.mark.parametrize("fmt", ["bertforge", "hf"])
@@ -255,7 +257,7 @@ def test_missing_weights(fmt, tmp_path):
     (save_model if fmt == "bertforge" else export_hf)(randomized("base"), tmp_path / "m")
     (tmp_path / "m" / "model.safetensors").unlink()
     msg = error_for(lambda: load_model(tmp_path / "m"), tmp_path / "m")
-    assert "model.safetensors" in msg and (fmt == "bertforge") != ("pytorch_model.bin" in msg)
+    assert "model.safetensors" in msg and "pytorch_model.bin" in msg
 
 
 def test_corrupt_weights(tmp_path):
@@ -274,7 +276,8 @@ def test_tokenizer_larger_than_model_vocab(tmp_path):
 
 
 def test_unexpected_and_missing_keys_are_listed(tmp_path):
-    save_model(randomized("masked_lm"), tmp_path / "m")
+    # a budget architecture: saved with our weight names (and a modeling file for transformers)
+    save_model(randomized("masked_lm", config=tiny(norm_position="pre", bias=False, ffn="geglu")), tmp_path / "m")
     sd = load_file(tmp_path / "m" / "model.safetensors")
     sd["bert.layers.0.attention.extra"] = torch.zeros(1)
     del sd["bert.layers.1.ffn.up.weight"]

@@ -193,11 +193,31 @@ def run_embed(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- convert / info
 
 
+CONVERT_HELP = """\
+targets (every architecture bertforge trains, every head; BERT architecture = post-LN, biases,
+MLP feed-forward, absolute positions; budget presets = pre-LN, no biases, GeGLU):
+  hf                     a transformers folder. BERT architecture: plain BertModel / BertFor* classes,
+                         no extra code. Other architectures: config.json, weights and
+                         modeling_bertforge.py; load with AutoModel*.from_pretrained(dest,
+                         trust_remote_code=True). AutoModel, AutoModelForPreTraining, ...MaskedLM,
+                         ...SequenceClassification, ...QuestionAnswering, ...MultipleChoice.
+                         Tokenizer model_max_length = the model's position count.
+  sentence-transformers  the encoder + pooling (+ normalize): SentenceTransformer(dest); add
+                         trust_remote_code=True for non-BERT architectures. Drops task heads.
+  onnx                   model.onnx (opset 18, dynamic batch and sequence axes; inputs input_ids,
+                         attention_mask, token_type_ids) + config.json + tokenizer. Outputs: the
+                         head's (logits, start/end_logits, last_hidden_state + pooler_output);
+                         sentence models also sentence_embedding. Needs bertforge[onnx].
+  bertforge              the folder training writes: the hf layout plus bertforge's run metadata
+                         (task, labels, pooling), which `bertforge` commands read back."""
+
+
 def add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = f"{p.description}\n\n{CONVERT_HELP}"
     p.add_argument("source", help="model folder: ours, Hugging Face BERT or sentence-transformers")
     p.add_argument("dest", help="new folder to write")
-    p.add_argument("--to", required=True, choices=("bertforge", "hf", "sentence-transformers"),
-                   help="output format")
+    p.add_argument("--to", required=True, choices=("hf", "sentence-transformers", "onnx", "bertforge"),
+                   help="output format (see targets above)")
     p.add_argument("--overwrite", action="store_true", help="replace dest when it already has files")
 
 
@@ -206,6 +226,11 @@ def run_convert(args: argparse.Namespace) -> int:
 
     info = convert(args.source, args.dest, to=args.to, overwrite=args.overwrite)
     print(f"converted {info['source_format']} ({info['head']}) -> {info['to']}: {info['dest']}")
+    if info.get("outputs"):
+        print(f"ONNX outputs: {', '.join(info['outputs'])}")
+    if info["remote_code"]:
+        print("note: this architecture has no transformers class: load it with trust_remote_code=True "
+              "(its code is modeling_bertforge.py in the folder)")
     return 0
 
 
@@ -255,10 +280,12 @@ COMMANDS: dict[str, Command] = {
         add_similarity_arguments, run_similarity,
         '  bertforge similarity path/to/all-MiniLM-L6-v2 "A man is eating." "Someone eats food."'),
     "convert": Command(
-        "convert a model between our format, Hugging Face and sentence-transformers",
+        "export a model to transformers, sentence-transformers or ONNX (every architecture)",
         add_convert_arguments, run_convert,
-        "  bertforge convert path/to/hf-bert ours --to bertforge\n"
-        "  bertforge convert bertforge-quickstart/model hf-out --to hf"),
+        "  bertforge convert bertforge-quickstart/model hf-out --to hf\n"
+        "  bertforge convert runs/cpu-budget/model st-out --to sentence-transformers\n"
+        "  bertforge convert runs/cpu-budget/model onnx-out --to onnx\n"
+        "  bertforge convert path/to/hf-bert ours --to bertforge"),
     "info": Command(
         "show a model's format, head, parameter counts, config and tokenizer",
         add_info_arguments, run_info,
@@ -282,6 +309,11 @@ COMMANDS: dict[str, Command] = {
         "bertforge.train.pretrain_cli:add_sanity_arguments", "bertforge.train.pretrain_cli:run_sanity",
         "  bertforge sanity --data data/shards\n"
         "  bertforge sanity --config configs/cpu-budget.yaml --data data/shards optim.lr=1.0   # fails, says why"),
+    "plan": Command(
+        "estimate training memory (weights, gradients, optimizer, activations) and which devices it fits",
+        "bertforge.plan:add_plan_arguments", "bertforge.plan:run_plan",
+        "  bertforge plan --preset base --batch 32 --seq 128 --precision bf16\n"
+        "  bertforge plan --preset large --batch 8 --seq 512 --gradient-checkpointing --offload --device-gb 24"),
     "inspect": Command(
         "a model's predictions at masked positions, right/wrong, in the terminal or as HTML",
         "bertforge.inspect_mlm:add_inspect_arguments", "bertforge.inspect_mlm:run_inspect",
@@ -298,6 +330,12 @@ COMMANDS: dict[str, Command] = {
                               st.SENTENCE_EXAMPLES),
     "sts-eval": Command(st.STS_HELP, st.add_sts_eval_arguments, st.run_sts_eval, st.STS_EXAMPLES),
     "distill": Command(st.DISTILL_HELP, st.add_distill_arguments, st.run_distill, st.DISTILL_EXAMPLES),
+    "serve": Command(
+        "serve models over HTTP: OpenAI-compatible embeddings, similarity, fill-mask, classify, QA, a web page",
+        "bertforge.serve.command:add_serve_arguments", "bertforge.serve.command:run_serve",
+        "  bertforge serve path/to/all-MiniLM-L6-v2                 # http://127.0.0.1:8000/\n"
+        "  bertforge serve minilm=path/to/all-MiniLM-L6-v2 mlm=bertforge-quickstart/model --port 8080\n"
+        "  BERTFORGE_API_KEY=s3cret bertforge serve MODEL --host 0.0.0.0 --cors-origin https://app.example"),
 }
 
 

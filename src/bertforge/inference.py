@@ -27,7 +27,7 @@ from bertforge.errors import BertforgeError
 
 MLM_HEADS = ("masked_lm", "pretraining")
 EMBEDDING_FORMATS = (".npy", ".jsonl", ".csv")
-CONVERT_TARGETS = ("bertforge", "hf", "sentence-transformers")
+CONVERT_TARGETS = ("hf", "sentence-transformers", "onnx", "bertforge")
 HIDDEN_META = ("modules", "pooling_config", "pooling", "normalize", "max_seq_length", "discarded")
 MODEL_HINT = "pass a folder written by `bertforge quickstart`/`bertforge convert` or a Hugging Face BERT folder"
 
@@ -288,7 +288,15 @@ def _jsonable(value):
 
 
 def convert(source, dest, *, to: str, overwrite: bool = False) -> dict:
-    """Write the model in `source` to the new folder `dest` in format `to` (see CONVERT_TARGETS)."""
+    """Write the model in `source` to the new folder `dest` in format `to` (see CONVERT_TARGETS).
+
+    hf / bertforge: a transformers folder (plain HF BERT for BERT architectures, our modeling file for
+    the others; bertforge also keeps the run metadata). sentence-transformers: the encoder with its
+    pooling. onnx: model.onnx (dynamic batch and sequence axes) beside config.json and the tokenizer;
+    a sentence model (sentence-transformers folder, or pooling in its metadata) also outputs
+    `sentence_embedding`.
+    """
+    from bertforge.model.export import uses_remote_code
     from bertforge.model.loading import export_hf, save_model
 
     if to not in CONVERT_TARGETS:
@@ -301,14 +309,44 @@ def convert(source, dest, *, to: str, overwrite: bool = False) -> dict:
         raise BertforgeError(f"destination '{dest}' already exists and is not empty: pass a new folder or "
                              "--overwrite")
     loaded = load_checked(source)
+    info = {"source_format": loaded.source, "head": loaded.head, "to": to, "dest": str(dest),
+            "remote_code": uses_remote_code(loaded.config) and to != "onnx"}
     if to == "bertforge":
         save_model(loaded.model, dest, tokenizer=loaded.tokenizer, meta=loaded.meta)
     elif to == "hf":
-        export_hf(loaded.model, dest, tokenizer=loaded.tokenizer)
-    else:
+        export_hf(loaded.model, dest, tokenizer=loaded.tokenizer, id2label=loaded.meta.get("id2label"),
+                  remote_code=True)
+    elif to == "sentence-transformers":
         encoder, tokenizer = load_encoder(source)
         encoder.save_sentence_transformers(dest, tokenizer)
-    return {"source_format": loaded.source, "head": loaded.head, "to": to, "dest": str(dest)}
+    else:
+        info.update(_convert_onnx(source, loaded, dest_path))
+    return info
+
+
+def _convert_onnx(source, loaded, dest: Path) -> dict:
+    """model.onnx + config.json (+ modeling file) + tokenizer; a sentence model exports its pooling."""
+    from bertforge.model.export import ONNX_NAME, export_onnx, write_transformers_folder
+    from bertforge.model.loading import write_atomic
+
+    sentence = loaded.head == "base" and "pooling" in loaded.meta
+    encoder = load_encoder(source)[0] if sentence else None
+    model = encoder.bert if sentence else loaded.model
+    head = "sentence" if sentence else loaded.head
+    result: dict = {}
+    meta = {k: v for k, v in _jsonable(loaded.meta).items() if k not in ("num_labels", "id2label", "discarded")}
+
+    def write(tmp: Path) -> None:
+        result.update(export_onnx(model, head, tmp, pooling=encoder.pooling if sentence else None,
+                                  normalize=bool(encoder.normalize) if sentence else False))
+        extra = {"pooling": encoder.pooling, "normalize": encoder.normalize,
+                 "max_seq_length": encoder.max_seq_length} if sentence else {}
+        write_transformers_folder(model, "base" if sentence else head, tmp, tokenizer=loaded.tokenizer,
+                                  num_labels=loaded.meta.get("num_labels"), id2label=loaded.meta.get("id2label"),
+                                  meta={**meta, **extra, "onnx": dict(result)}, weights=False)
+
+    write_atomic(dest, write)
+    return {"onnx": str(dest / ONNX_NAME), "outputs": result["outputs"]}
 
 
 # ----------------------------------------------------------------------------- tokenizer train

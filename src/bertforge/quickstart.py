@@ -198,9 +198,13 @@ def step_export(ctx: Context) -> str:
     from bertforge.model.loading import export_hf, load_model
 
     path = ctx.out / "model-hf"
-    export_hf(load_model(ctx.out / "model").model, path, tokenizer=ctx.tokenizer)
-    ctx.wrote("model-hf", path, "Hugging Face format (transformers' BertForMaskedLM loads it)")
-    return f"exported to {path} ({_size_mb(path):.1f} MB)"
+    model = load_model(ctx.out / "model").model
+    remote = not model.config.hf_compatible  # rotary / pre-LN / GeGLU: our modeling file rides along
+    export_hf(model, path, tokenizer=ctx.tokenizer, remote_code=remote)
+    how = ("transformers' AutoModelForMaskedLM loads it with trust_remote_code=True" if remote
+           else "transformers' BertForMaskedLM loads it")
+    ctx.wrote("model-hf", path, f"Hugging Face format ({how})")
+    return f"exported to {path} ({_size_mb(path):.1f} MB; {how})"
 
 
 def step_verify(ctx: Context) -> str:
@@ -301,4 +305,5 @@ def print_summary(ctx: Context, echo: Callable[..., None] = print) -> None:
     echo(f"  bertforge inspect {ctx.out} --data {ctx.out / 'data'} --html view.html")
     echo(f"  bertforge report {ctx.out} --out {ctx.out}-report")
     echo(f"  python -c \"from transformers import AutoModelForMaskedLM as M; "
-         f"print(M.from_pretrained('{ctx.out / 'model-hf'}').num_parameters())\"   (with transformers)")
+         f"print(M.from_pretrained('{ctx.out / 'model-hf'}', trust_remote_code=True).num_parameters())\"   "
+         "(with transformers)")

@@ -121,7 +121,12 @@ class WordPieceTokenizer:
         raise BertforgeError(f"tokenizer path '{path}' does not exist: pass a tokenizer folder or vocab.txt")
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write vocab.txt, tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
+        """Write vocab.txt, tokenizer.json, tokenizer_config.json and special_tokens_map.json.
+
+        A tokenizer knows no model, so tokenizer_config.json claims no `model_max_length`
+        (transformers then treats the length as unlimited); saving beside a model sets it to the
+        model's position count (`bertforge.model.export.set_model_max_length`).
+        """
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         (out / "vocab.txt").write_text("".join(t + "\n" for t in self._vocab), encoding="utf-8")
@@ -130,7 +135,7 @@ class WordPieceTokenizer:
         config = {"tokenizer_class": "BertTokenizer", "do_lower_case": self.do_lower_case,
                   "strip_accents": self.strip_accents,
                   "tokenize_chinese_chars": self._settings.tokenize_chinese_chars,
-                  "clean_up_tokenization_spaces": True, "model_max_length": 512, **special}
+                  "clean_up_tokenization_spaces": True, **special}
         _write_json(out / "tokenizer_config.json", config)
         _write_json(out / "special_tokens_map.json", special)
 

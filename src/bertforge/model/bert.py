@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from bertforge.errors import BertforgeError
@@ -66,6 +67,9 @@ class BertConfig:
     position_embedding_type: str = "absolute"  # "absolute" | "rotary"
     rope_theta: float = 10000.0
     attn_implementation: str = "sdpa"  # "sdpa" | "eager"
+    # training only: recompute each layer in backward (torch.utils.checkpoint, non-reentrant), storing only
+    # the layer inputs; trades about one extra forward for most of the activation memory
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -336,8 +340,13 @@ class BertModel(nn.Module):
         hidden_states = [x] if output_hidden_states else None
         last = len(self.layers) - 1
         sparse_last = output_positions is not None and not output_hidden_states
+        checkpointed = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, output_positions if sparse_last and i == last else None, rope)
+            keep = output_positions if sparse_last and i == last else None
+            if checkpointed:  # same numbers (dropout RNG replayed), only the layer input kept for backward
+                x = torch.utils.checkpoint.checkpoint(layer, x, mask, keep, rope, use_reentrant=False)
+            else:
+                x = layer(x, mask, keep, rope)
             if hidden_states is not None:
                 hidden_states.append(x)
         if self.final_norm is not None:

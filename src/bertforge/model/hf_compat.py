@@ -251,7 +251,8 @@ def require_hf_compatible(config: BertConfig) -> None:
         why = [s for s, bad in (("norm_position='pre'", config.norm_position != "post"),
                                 ("bias=False", not config.bias), ("ffn='geglu'", config.ffn != "mlp")) if bad]
         raise BertforgeError(f"model config with {', '.join(why)} has no Hugging Face BERT equivalent: "
-                             f"save it with save_model (bertforge format) instead of exporting to HF")
+                             f"save_model and `bertforge convert --to hf` write it with its own modeling file "
+                             f"(load with trust_remote_code=True)")
 
 
 _HF_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",

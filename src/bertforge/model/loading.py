@@ -1,9 +1,14 @@
-"""Save and load models: our format, Hugging Face BERT directories, sentence-transformers directories.
+"""Save and load models: transformers folders (ours and anyone's), sentence-transformers folders.
 
-Our format is a directory holding `config.json` (the flat `BertConfig` fields plus `model_type:
-"bertforge"`, `head`, `num_labels`, `id2label`, `bertforge_version` and a free `meta` dict),
-`model.safetensors` with our parameter names (the tied MLM decoder is not stored) and the tokenizer
-files. `export_hf` writes the HF layout instead (see `hf_compat`), which transformers loads warning-free.
+`save_model` writes a folder transformers opens directly (see `export`): BERT architectures as a plain
+Hugging Face BERT folder, the others (the budget presets: pre-LN, no biases, GeGLU, ...) with our
+weight names and a generated `modeling_bertforge.py` for `trust_remote_code=True`. Either way
+config.json carries a `bertforge` block (version, head, run metadata) and the tokenizer files say
+`model_max_length` = the model's position count. `export_hf` writes the plain BERT folder only.
+
+`load_model` reads those, HF BERT folders, sentence-transformers folders, and the flat folders older
+bertforge versions wrote (`model_type: "bertforge"`, `head`, `num_labels`, `id2label`,
+`bertforge_version`, `meta`, our weight names).
 
 Writes are atomic: everything goes into a temporary folder beside the target, every file is fsynced,
 then the folder is renamed into place, so a killed save leaves the previous model (or nothing) at
@@ -14,7 +19,7 @@ weights must all be there when that head is asked for. Asking for a different he
 one (or a different `num_labels`) keeps the encoder, drops the saved head's weights (listed in
 `meta["discarded"]`) and initialises the new head's parameters (listed in `.initialized`). The
 pooler counts as head-side here: only NSP and the classifiers train it, and checkpoints of
-pooler-less heads lack it. In our format a key the saved head does not own is an error; an HF
+pooler-less heads lack it. In folders bertforge wrote, a key the saved head does not own is an error; an HF
 checkpoint may also hold weights of a sibling BERT head (bert-base-uncased is a BertForMaskedLM with
 pooler and NSP weights), which are dropped and listed like HF's "weights not used" (any key outside
 the BERT key table is still an error).
@@ -32,11 +37,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from bertforge.errors import BertforgeError
-from bertforge.model import hf_compat
+from bertforge.model import export, hf_compat
 from bertforge.model.bert import BertConfig
 from bertforge.model.heads import HEADS, build_model
 
@@ -105,9 +110,14 @@ def _check_tokenizer(tokenizer: Any, config: BertConfig, where: str) -> None:
 
 def save_model(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = None,
                meta: dict | None = None) -> None:
-    """Write `model` (a BertModel or a head) in our format, atomically; `meta` lands in config.json."""
+    """Write `model` (a BertModel or a head) as a transformers folder, atomically (see `export`).
+
+    BERT architectures get a plain Hugging Face BERT folder; the others (pre-LN, no bias, GeGLU, ...)
+    our weight names plus `modeling_bertforge.py` for `trust_remote_code=True`. `meta` (and the
+    labels in it) lands in config.json's `bertforge` block; `load_model` reads it all back.
+    """
     model = unwrap(model)
-    head, config, target = head_name(model), model.config, Path(directory)
+    head, target = head_name(model), Path(directory)
     meta = dict(meta or {})
     num_labels = _num_labels(model, head)
     meta.pop("discarded", None)
@@ -115,45 +125,31 @@ def save_model(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any
     if saved_labels is not None and saved_labels != num_labels:
         raise BertforgeError(f"meta num_labels {saved_labels} != the model's {num_labels}: drop it from meta")
     id2label = _id2label(meta.pop("id2label", None), num_labels, f"save_model('{target}')")
-    _check_tokenizer(tokenizer, config, f"save_model('{target}')")
-    doc = {**config.to_dict(), "model_type": "bertforge", "head": head, "num_labels": num_labels,
-           "id2label": {str(k): v for k, v in id2label.items()} if id2label else None,
-           "bertforge_version": _version(), "meta": meta}
+    _check_tokenizer(tokenizer, model.config, f"save_model('{target}')")
     try:
-        text = json.dumps(doc, indent=2, sort_keys=False)
+        json.dumps(meta)
     except TypeError as e:
         raise BertforgeError(f"save_model('{target}'): meta is not JSON-serialisable ({e}): "
                              f"keep meta to strings, numbers, lists and dicts") from None
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-
-    def write(tmp: Path) -> None:
-        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(text + "\n")
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-
-    write_atomic(target, write)
+    write_atomic(target, lambda tmp: export.write_transformers_folder(
+        model, head, tmp, tokenizer=tokenizer, num_labels=num_labels, id2label=id2label, meta=meta))
 
 
 def export_hf(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = None,
-              id2label: Mapping[int, str] | None = None) -> None:
-    """Write `model` as a Hugging Face BERT directory (config.json, model.safetensors, tokenizer)."""
+              id2label: Mapping[int, str] | None = None, remote_code: bool = False) -> None:
+    """Write `model` as a plain Hugging Face BERT directory, without bertforge's metadata block.
+
+    Other architectures raise, unless `remote_code`: then they get our modeling file (see `export`).
+    """
     model = unwrap(model)
     head, config, target = head_name(model), model.config, Path(directory)
+    if not remote_code:
+        hf_compat.require_hf_compatible(config)
     num_labels = _num_labels(model, head)
     id2label = _id2label(id2label, num_labels, f"export_hf('{target}')")
-    hf_config = hf_compat.config_to_hf(config, head, num_labels, id2label)
-    state = hf_compat.to_hf_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()},
-                                       config, head)
     _check_tokenizer(tokenizer, config, f"export_hf('{target}')")
-
-    def write(tmp: Path) -> None:
-        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-
-    write_atomic(target, write)
+    write_atomic(target, lambda tmp: export.write_transformers_folder(
+        model, head, tmp, tokenizer=tokenizer, num_labels=num_labels, id2label=id2label))
 
 
 def _fsync(path: Path) -> None:
@@ -196,12 +192,6 @@ def write_atomic(target: Path, write: Callable[[Path], None]) -> None:
             shutil.rmtree(old)
 
 
-def _version() -> str:
-    from bertforge import __version__
-
-    return __version__
-
-
 # ----------------------------------------------------------------------------- loading
 
 def load_model(path: str | os.PathLike, head: str | None = None, *,
@@ -215,14 +205,15 @@ def load_model(path: str | os.PathLike, head: str | None = None, *,
         raise BertforgeError(f"model path '{root}' is a file: pass the model's directory")
     model_dir, st_meta = _locate(root)
     raw = _read_config(model_dir)
-    if raw.get("model_type") == "bertforge":
-        config, saved_head, meta = _our_config(raw, model_dir / CONFIG_NAME)
+    if raw.get("model_type") == export.REMOTE_MODEL_TYPE:
+        read = _our_config if "architectures" not in raw and "auto_map" not in raw else _remote_config
+        config, saved_head, meta = read(raw, model_dir / CONFIG_NAME)
         sd = hf_compat.add_prefix(_read_weights(model_dir, allow_bin=False))
         source = "bertforge"
     else:
         config, saved_head, meta = _hf_config(raw, model_dir / CONFIG_NAME)
         sd = hf_compat.convert_from_hf(_read_weights(model_dir, allow_bin=True), f"weights in '{model_dir}'")
-        source = "hf"
+        source = "bertforge" if isinstance(raw.get("bertforge"), dict) else "hf"
     if st_meta is not None:
         meta.update(st_meta)
     head = head or saved_head
@@ -308,15 +299,30 @@ def _our_config(raw: dict, where: Path) -> tuple[BertConfig, str, dict]:
     return config, head, meta
 
 
+def _remote_config(raw: dict, where: Path) -> tuple[BertConfig, str, dict]:
+    """A remote-code folder (`save_model` of a non-BERT architecture, or its transformers re-save)."""
+    try:
+        config, head, block = export.read_remote_config(raw)
+    except (BertforgeError, TypeError) as e:
+        raise BertforgeError(f"'{where}': {e}") from None
+    return config, head, _labels_and_meta(raw, head, block)
+
+
 def _hf_config(raw: dict, where: Path) -> tuple[BertConfig, str, dict]:
     try:
         config, head = hf_compat.config_from_hf(raw), hf_compat.head_from_hf(raw)
     except (BertforgeError, TypeError) as e:
         raise BertforgeError(f"'{where}': {e}") from None
+    return config, head, _labels_and_meta(raw, head, raw.get("bertforge"))
+
+
+def _labels_and_meta(raw: dict, head: str, block: Any) -> dict:
+    """num_labels / id2label from a transformers config, plus the run metadata `save_model` stored."""
     num_labels, id2label = hf_compat.labels_from_hf(raw)
     if head != _SEQ:
         num_labels, id2label = None, None
-    return config, head, {"num_labels": num_labels, "id2label": id2label}
+    meta = dict(block.get("meta") or {}) if isinstance(block, dict) else {}
+    return {**meta, "num_labels": num_labels, "id2label": id2label}
 
 
 def _read_weights(model_dir: Path, allow_bin: bool) -> dict[str, torch.Tensor]:

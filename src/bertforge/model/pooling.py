@@ -23,8 +23,9 @@ sentence-transformers does; that is what `max_seq_length` means for an embedding
 directories: the classic layout (`pooling_mode_*_tokens` flags, `sentence_bert_config.json`); the
 sentence-transformers 6 files (`pooling_mode`, `model_max_length`) are parsed here too, but
 `load_model` must also accept their module type names before such a directory loads.
-`save_sentence_transformers` writes the classic layout (weights through `export_hf`), which every
-sentence-transformers version since 2.0 loads unchanged.
+`save_sentence_transformers` writes the classic layout (the encoder as a transformers folder, see
+`export`), which every sentence-transformers version since 2.0 loads unchanged (with
+`trust_remote_code=True` for architectures transformers has no class for).
 
 Shapes: B batch, T sequence length, H hidden size, N texts.
 """
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -216,11 +216,14 @@ class SentenceEncoder(nn.Module):
     def save_sentence_transformers(self, directory: str | os.PathLike, tokenizer) -> None:
         """Write a directory that `sentence_transformers.SentenceTransformer(directory)` loads as is.
 
-        The BERT weights go through `export_hf` (HF layout at the root); modules.json, 1_Pooling,
+        The encoder goes to the root as a transformers folder (`export.write_transformers_folder`:
+        plain HF BERT, or our modeling file for other architectures, which then load with
+        `SentenceTransformer(directory, trust_remote_code=True)`); modules.json, 1_Pooling,
         2_Normalize (when normalising) and sentence_bert_config.json follow sentence-transformers'
         classic layout. The write is atomic, like `save_model`.
         """
-        from bertforge.model.loading import export_hf, write_atomic
+        from bertforge.model.export import write_transformers_folder
+        from bertforge.model.loading import write_atomic
 
         if tokenizer is None:
             raise BertforgeError("save_sentence_transformers needs the tokenizer: pass the model's tokenizer")
@@ -237,10 +240,9 @@ class SentenceEncoder(nn.Module):
                           "include_prompt": True}
 
         def write(tmp: Path) -> None:
-            export_hf(self.bert, tmp / "hf", tokenizer=tokenizer)
-            for f in (tmp / "hf").iterdir():
-                shutil.move(f, tmp / f.name)
-            (tmp / "hf").rmdir()
+            write_transformers_folder(self.bert, "base", tmp, tokenizer=tokenizer,
+                                      meta={"pooling": self.pooling, "normalize": self.normalize,
+                                            "max_seq_length": self.max_seq_length})
             _write_json(tmp / "modules.json", [{"idx": i, "name": str(i), "path": p, "type": t}
                                                for i, (t, p) in enumerate(modules)])
             _write_json(tmp / "sentence_bert_config.json",

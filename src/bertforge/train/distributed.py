@@ -1,8 +1,9 @@
-"""torchrun / DistributedDataParallel plumbing: environment, init/cleanup, rank helpers, reductions.
+"""torchrun plumbing: environment, init/cleanup, rank helpers, reductions.
 
-Launch: `torchrun --nproc_per_node N -m bertforge pretrain ...`. Without torchrun's environment every
-helper degrades to the single-process answer, so library code calls them unconditionally.
-Backend: nccl on CUDA, gloo on CPU (tested with two CPU processes).
+Launch: `torchrun --nproc_per_node N -m bertforge pretrain ...` (DistributedDataParallel), or with
+`train.parallel=fsdp` (FSDP2, `bertforge.train.fsdp`). Without torchrun's environment every helper
+degrades to the single-process answer, so library code calls them unconditionally.
+Backend: nccl on CUDA, gloo on CPU (both parallel modes tested with two CPU processes).
 """
 
 from __future__ import annotations

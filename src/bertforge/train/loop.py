@@ -35,6 +35,7 @@ from bertforge.train.checkpoint import CheckpointManager
 from bertforge.train.optim import batch_size_at
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+PARALLELS = ("ddp", "fsdp")
 
 
 @dataclass
@@ -53,6 +54,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast, CPU/CUDA) | fp16 (autocast + GradScaler, CUDA)
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    parallel: str = "ddp"  # under torchrun: ddp (replicated) | fsdp (FSDP2, sharded; train/fsdp.py)
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # steps; 0 = only at the end
@@ -74,6 +76,8 @@ class TrainConfig:
             raise BertforgeError(f"train.precision '{self.precision}': use one of {', '.join(PRECISIONS)}")
         if self.max_steps is None and self.max_tokens is None and self.time_budget is None:
             raise BertforgeError("no stopping rule: set train.max_steps, train.max_tokens or train.time_budget")
+        if self.parallel not in PARALLELS:
+            raise BertforgeError(f"train.parallel '{self.parallel}': use one of {', '.join(PARALLELS)}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise BertforgeError("train.batch_size and train.grad_accum must be at least 1")
         if self.batch_ramp_start:
@@ -122,7 +126,8 @@ class Trainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batches: Any,
                  cfg: TrainConfig, *, evaluate: Callable[[nn.Module], dict] | None = None,
                  save_model: Callable[[nn.Module, Path], None] | None = None, run_config: dict | None = None,
-                 clip_grad_norm: float | None = None, plateau_level: float | None = None):
+                 clip_grad_norm: float | None = None, plateau_level: float | None = None,
+                 supports_fsdp: bool = False):
         cfg.validate()
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
@@ -134,6 +139,7 @@ class Trainer:
         self.clip_grad_norm = clip_grad_norm
         self.plateau_level = plateau_level  # the unigram loss of the training data (pretraining), or None
         self.plateau_warned = False
+        self.supports_fsdp = supports_fsdp  # the caller evaluates on every rank and saves through save_model()
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.best: float | None = None
@@ -150,8 +156,17 @@ class Trainer:
 
     # ---------------------------------------------------------------- setup
     def _wrap(self, model: nn.Module) -> nn.Module:
+        """DDP or FSDP2 (in place, see train/fsdp.py) under torchrun, then torch.compile when asked."""
         wrapped = model
-        if dist.is_distributed():
+        if dist.is_distributed() and self.cfg.parallel == "fsdp":
+            from bertforge.train import fsdp
+
+            if not self.supports_fsdp:
+                raise BertforgeError("train.parallel=fsdp is supported by `bertforge pretrain`: use "
+                                     "train.parallel=ddp for this command")
+
+            fsdp.shard_model(model, self.optimizer, self.device)
+        elif dist.is_distributed():
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -167,10 +182,19 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     # ---------------------------------------------------------------- state
+    @property
+    def sharded(self) -> bool:
+        """True when the model is FSDP-sharded (checkpoints go through train/fsdp.py)."""
+        from bertforge.train import fsdp
+
+        return fsdp.is_sharded(self.model)
+
     def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **self.progress_state()}
+
+    def progress_state(self) -> dict:
+        """Everything but the model and optimizer: schedule, scaler, counters, data position, RNG, config."""
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(),
             "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed, "best": self.best,
@@ -182,6 +206,9 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.load_progress_state(state)
+
+    def load_progress_state(self, state: dict) -> None:
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -197,11 +224,25 @@ class Trainer:
         if path is None:
             dist.print0(f"resume: no checkpoint in {self.ckpt.root}, starting fresh")
             return False
-        self.load_state_dict(self.ckpt.load(path))
+        if self.sharded:
+            from bertforge.train import fsdp
+
+            fsdp.load_checkpoint(self, path)
+        else:
+            state = self.ckpt.load(path)
+            if state.get("sharded"):
+                raise BertforgeError(f"checkpoint '{path}' holds FSDP shards: resume it with train.parallel=fsdp "
+                                     f"and the same number of processes")
+            self.load_state_dict(state)
         dist.print0(f"resumed from {path} at step {self.step} ({self.elapsed:.0f}s of budget used)")
         return True
 
     def save_checkpoint(self, is_best: bool = False) -> Path | None:
+        """Write a checkpoint (rank 0; every rank under FSDP); returns its folder on rank 0."""
+        if self.sharded:
+            from bertforge.train import fsdp
+
+            return fsdp.save_checkpoint(self, is_best)
         if not dist.is_main():
             return None
 
@@ -210,6 +251,17 @@ class Trainer:
                 self.save_model_fn(self.model, d)
 
         return self.ckpt.save(self.step, self.state_dict(), write_model, is_best=is_best)
+
+    def save_model(self, directory: Path) -> None:
+        """The final model through `save_model` (rank 0; gathered from every rank under FSDP)."""
+        if self.save_model_fn is None:
+            return
+        if self.sharded:
+            from bertforge.train import fsdp
+
+            fsdp.save_consolidated(self.model, Path(directory), self.save_model_fn)
+        elif dist.is_main():
+            self.save_model_fn(self.model, Path(directory))
 
     # ---------------------------------------------------------------- budget
     def progress(self) -> float:

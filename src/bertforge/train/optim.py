@@ -4,7 +4,8 @@
 the foreach one, docs/RESULTS.md), our LAMB (`bertforge.train.lamb`) or `torch.optim.Adafactor` over
 two parameter groups: weight decay on matrices, none on biases and norm weights (every tensor with
 ndim < 2, or whose name contains "norm", which covers the embeddings' LayerNorm). Embedding matrices
-are decayed, as in Hugging Face's BERT recipes.
+are decayed, as in Hugging Face's BERT recipes. `offload="cpu"` wraps any of them so its state and the
+fp32 master step live on the CPU (`bertforge.train.offload.CPUOffloadOptimizer`).
 
 Every schedule is one pure function, `lr_multiplier(progress, cfg, total_steps)`, of training progress
 in [0, 1] (clamped outside it), so boundaries can be tested directly:
@@ -39,6 +40,7 @@ from bertforge.errors import require
 from bertforge.train.lamb import Lamb
 
 OPTIMIZERS = ("adamw", "lamb", "adafactor")
+OFFLOADS = ("none", "cpu")
 SCHEDULES = ("linear", "cosine", "constant", "one-cycle", "wsd", "time")
 TO_ZERO = ("one-cycle", "time")  # schedules that end at exactly 0, so min_lr_ratio does not apply
 
@@ -58,6 +60,7 @@ class OptimConfig:
     decay_ratio: float = 0.1  # wsd: final fraction of training spent decaying
     min_lr_ratio: float = 0.0  # end multiplier for linear, cosine, wsd
     clip_grad_norm: float = 1.0  # max global gradient norm; 0 disables clipping
+    offload: str = "none"  # "cpu": optimizer state and the fp32 master step on the CPU (train/offload.py)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]  # YAML/TOML give lists
@@ -86,6 +89,7 @@ class OptimConfig:
                 "schedule 'time' warms up over a fraction of the time budget: set warmup_ratio, not warmup_steps")
         require(self.schedule != "wsd" or self.warmup_ratio + self.decay_ratio <= 1.0,
                 f"wsd warmup_ratio={self.warmup_ratio} + decay_ratio={self.decay_ratio} exceed 1: lower one")
+        require(self.offload in OFFLOADS, f"offload '{self.offload}' is unknown: pass one of {', '.join(OFFLOADS)}")
         require(self.clip_grad_norm >= 0,
                 f"clip_grad_norm={self.clip_grad_norm} is negative: pass a value > 0, or 0 to disable")
 
@@ -108,7 +112,18 @@ def split_decay_params(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str = "cpu") -> torch.optim.Optimizer:
-    """The optimizer `cfg.optimizer` over the decay / no-decay groups (build after moving the model)."""
+    """The optimizer `cfg.optimizer` over the decay / no-decay groups (build after moving the model).
+    With `cfg.offload == "cpu"` it is wrapped so that its state and step live on the CPU."""
+    groups = param_groups(model, cfg)
+    if cfg.offload == "cpu":
+        from bertforge.train.offload import CPUOffloadOptimizer
+
+        return CPUOffloadOptimizer(groups, lambda host_groups: make_optimizer(host_groups, cfg, "cpu"))
+    return make_optimizer(groups, cfg, device_type)
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
+    """Weight decay on matrices, none on biases and norms; LAMB's groups also say whether to adapt."""
     decay, no_decay = split_decay_params(model)
     require(bool(decay or no_decay), "model has no trainable parameters: unfreeze some before training")
     lamb = cfg.optimizer == "lamb"
@@ -118,10 +133,15 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str = "cpu"
             groups.append({"params": [p for _, p in params], "weight_decay": wd})
             if lamb:  # as Google's BERT LAMB: biases and norm weights skip layer adaptation too
                 groups[-1]["adapt"] = adapt
+    return groups
+
+
+def make_optimizer(groups: list[dict[str, Any]], cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer:
+    """`cfg.optimizer` over prepared parameter groups; fused AdamW on CPU and CUDA."""
     if cfg.optimizer == "adamw":
         kernel = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **kernel)
-    if lamb:
+    if cfg.optimizer == "lamb":
         return Lamb(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     return torch.optim.Adafactor(groups, lr=cfg.lr)
 
@@ -254,5 +274,6 @@ def batch_size_at(step: int, start: int, final: int, ramp_steps: int, multiple: 
     return start + grown // multiple * multiple
 
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "OptimConfig", "TimeBudgetSchedule", "batch_size_at", "build_optimizer",
-           "build_schedule", "lr_multiplier", "split_decay_params", "warmup_fraction"]
+__all__ = ["OFFLOADS", "OPTIMIZERS", "SCHEDULES", "OptimConfig", "TimeBudgetSchedule", "batch_size_at", "build_optimizer",
+           "build_schedule", "lr_multiplier", "make_optimizer", "param_groups", "split_decay_params",
+           "warmup_fraction"]

@@ -155,8 +155,10 @@ def main(cfg: PretrainRunConfig) -> dict:
               f"{cfg.train.batch_size} rows)")
         eval_rows = cfg.data.eval_batches * cfg.train.batch_size
 
-    def evaluate(m: nn.Module) -> dict:
-        if val_rows is None or not dist.is_main():
+    sharded = dist.is_distributed() and cfg.train.parallel == "fsdp"
+
+    def evaluate(m: nn.Module) -> dict:  # rank 0 only, except under FSDP: its forward needs every rank
+        if val_rows is None or not (dist.is_main() or sharded):
             return {}
         return evaluate_mlm(m, val_rows, tokenizer, max_rows=eval_rows)
 
@@ -165,7 +167,7 @@ def main(cfg: PretrainRunConfig) -> dict:
 
     trainer = Trainer(model, optimizer, scheduler, batches, cfg.train, evaluate=evaluate,
                       save_model=write_model, run_config=run_config,
-                      clip_grad_norm=cfg.optim.clip_grad_norm or None,
+                      clip_grad_norm=cfg.optim.clip_grad_norm or None, supports_fsdp=True,
                       plateau_level=unigram_loss(train_rows, tokenizer) if not nsp else None)
     out = Path(cfg.train.output_dir)
     if dist.is_main():
@@ -174,8 +176,8 @@ def main(cfg: PretrainRunConfig) -> dict:
         atomic_write_text(out / "config.json", json.dumps(run_config, indent=2) + "\n")
     trainer.maybe_resume()
     summary = trainer.fit()
+    trainer.save_model(out / "model")  # consolidated from the shards under FSDP
     if dist.is_main():
-        save_model(model, out / "model", tokenizer=tokenizer)
         from bertforge.atomic import atomic_write_text
 
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,139 @@
+"""train.parallel=fsdp (FSDP2) and optim.offload=cpu through the real pretraining command: two gloo processes
+equal one process with accumulation, a killed FSDP run resumes from its sharded checkpoint bit for bit, the
+consolidated model folder loads as usual, and an offloaded run equals the plain one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+TINY = ["model.preset=tiny", "model.max_position_embeddings=64", "model.hidden_dropout_prob=0",
+        "model.attention_probs_dropout_prob=0", "train.progress=false", "train.log_every=1", "train.batch_size=8",
+        "train.eval_every=0", "optim.lr=1e-3", "optim.warmup_steps=0", "optim.schedule=constant"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, shared_data) -> Path:
+    """A WordPiece trained on a real slice and 64-token packed shards of it (train + val)."""
+    from bertforge.data.shards import PrepareConfig, prepare
+    from bertforge.wordpiece import train_wordpiece
+
+    root = tmp_path_factory.mktemp("scale")
+    corpus = root / "corpus.txt"
+    corpus.write_text((shared_data / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8")[:300_000],
+                      encoding="utf-8")
+    tok = train_wordpiece([corpus], vocab_size=1000, show_progress=False)
+    tok.save(root / "tok")
+    prepare(PrepareConfig(sources=[str(corpus)], output=str(root / "data"), tokenizer=str(root / "tok"),
+                          seq_len=64, val_fraction=0.05, num_workers=0, boundary="heading", show_progress=False))
+    return root / "data"
+
+
+def env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def command(args: list[str], nproc: int = 1, port: int = 29541) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "bertforge", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(port), "-m", "bertforge", *args]
+
+
+def run(args: list[str], nproc: int = 1, port: int = 29541) -> None:
+    proc = subprocess.run(command(args, nproc, port), env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "model" / "model.safetensors")
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_equal_one_process_and_resume_after_kill(prepared, tmp_path):
+    common = ["pretrain", "--data", str(prepared), *TINY]
+    run([*common, "--max-steps", "6", "--output", str(tmp_path / "single"), "train.grad_accum=2"])
+    fsdp = [*common, "train.parallel=fsdp", "train.grad_accum=1", "train.save_every=20"]
+    run([*fsdp, "--max-steps", "6", "--output", str(tmp_path / "fsdp")], nproc=2)
+    la, lb = losses(tmp_path / "single"), losses(tmp_path / "fsdp")
+    assert sorted(la) == sorted(lb) == list(range(1, 7))
+    assert all(abs(la[s] - lb[s]) <= 1e-5 for s in la), (la, lb)
+    assert max_diff(weights(tmp_path / "single"), weights(tmp_path / "fsdp")) <= 1e-5
+
+    # kill -9 mid-run (the whole torchrun process group), resume from the sharded checkpoint
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run([*fsdp, "--max-steps", "200", "--output", str(straight)], nproc=2, port=29542)
+    proc = subprocess.Popen(command([*fsdp, "--max-steps", "200", "--output", str(killed)], 2, 29543), env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (killed / "checkpoints" / "step_00000040" / "state.pt").exists():
+        assert proc.poll() is None, "run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert max(losses(killed)) < 200
+    shards = killed / "checkpoints" / "step_00000040" / "shards"
+    assert sorted(p.name for p in shards.iterdir()) == ["dcp", "trainer_rank0.pt", "trainer_rank1.pt"]
+    run([*fsdp, "--max-steps", "200", "--output", str(killed), "--resume"], nproc=2, port=29544)
+    a, b = losses(straight), losses(killed)
+    assert sorted(a) == sorted(b) == list(range(1, 201))
+    assert a == b  # bit for bit
+    assert max_diff(weights(straight), weights(killed)) == 0.0
+
+    from bertforge.model.loading import load_model  # the consolidated folder is a normal model
+
+    loaded = load_model(straight / "model")
+    ckpt = load_model(straight / "checkpoints" / "step_00000200" / "model")
+    assert loaded.head == "masked_lm" and loaded.tokenizer is not None
+    assert all(torch.equal(x, y) for x, y in zip(loaded.model.state_dict().values(), ckpt.model.state_dict().values()))
+
+
+def test_fsdp_checkpoint_is_refused_without_fsdp_and_bad_values_are_errors(prepared, tmp_path):
+    from bertforge.errors import BertforgeError
+    from bertforge.train.loop import TrainConfig
+
+    with pytest.raises(BertforgeError, match="train.parallel 'zero3'"):
+        TrainConfig(parallel="zero3", max_steps=1).validate()
+    step = tmp_path / "run" / "checkpoints" / "step_00000002"  # a sharded checkpoint, as FSDP writes state.pt
+    step.mkdir(parents=True)
+    torch.save({"sharded": True, "world_size": 2}, step / "state.pt")
+    (step.parent / "latest").write_text("step_00000002\n")
+    proc = subprocess.run(command(["pretrain", "--data", str(prepared), *TINY, "--max-steps", "4", "--output",
+                                   str(tmp_path / "run"), "--resume"]), env=env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "train.parallel=fsdp" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_offloaded_pretraining_equals_plain(prepared, tmp_path):
+    common = ["pretrain", "--data", str(prepared), *TINY, "--max-steps", "8", "optim.schedule=linear",
+              "optim.warmup_ratio=0.25"]
+    run([*common, "--output", str(tmp_path / "plain")])
+    run([*common, "--output", str(tmp_path / "offload"), "optim.offload=cpu"])
+    assert losses(tmp_path / "plain") == losses(tmp_path / "offload")
+    assert max_diff(weights(tmp_path / "plain"), weights(tmp_path / "offload")) == 0.0
+    saved = json.loads((tmp_path / "offload" / "config.json").read_text())
+    assert saved["optim"]["offload"] == "cpu"
