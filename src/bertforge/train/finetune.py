@@ -297,9 +297,9 @@ def _score_kept(model: nn.Module, kept: Path | None, adapter: TaskAdapter, evals
     """Load the kept checkpoint's weights (None: keep the final ones), score every evaluation split and
     write its predictions."""
     if kept is not None:
-        from safetensors.torch import load_file
+        from bertforge.model.loading import load_model
 
-        model.load_state_dict(load_file(kept / "model" / "model.safetensors"))
+        model.load_state_dict(load_model(kept / "model").model.state_dict())  # any folder layout save_model writes
     model.eval()
     metrics: dict[str, float] = {}
     with torch.no_grad():
