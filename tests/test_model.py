@@ -216,11 +216,12 @@ def test_too_long_input_raises():
         model(torch.ones(1, 17, dtype=torch.long))
 
 
-@pytest.mark.parametrize("norm_position,ffn", [("post", "mlp"), ("pre", "geglu")])
-def test_sparse_last_layer_equals_full_encoder_loss_and_gradients(norm_position, ffn):
+@pytest.mark.parametrize("norm_position,ffn,positions", [("post", "mlp", "absolute"), ("pre", "geglu", "absolute"),
+                                                        ("pre", "geglu", "rotary")])
+def test_sparse_last_layer_equals_full_encoder_loss_and_gradients(norm_position, ffn, positions):
     """BertForMaskedLM with labels runs its last layer at the masked rows only; the loss and every
-    gradient equal the full encoder followed by the gather (pre- and post-LN, padded rows)."""
-    config = tiny(norm_position=norm_position, ffn=ffn)
+    gradient equal the full encoder followed by the gather (pre- and post-LN, padded rows, rotary)."""
+    config = tiny(norm_position=norm_position, ffn=ffn, position_embedding_type=positions)
     torch.manual_seed(0)
     model = BertForMaskedLM(config)
     ids, mask, types = padded_batch()

@@ -51,6 +51,7 @@ def saved_bytes(cfg: BertConfig, B: int, T: int, precision: str) -> int:
     ("mini", {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}),  # fused attention
     ("budget-mini", {}),  # pre-LN, no bias, GeGLU
     ("mini", {"gradient_checkpointing": True}),
+    ("budget-mini", {"position_embedding_type": "rotary"}),  # the gpu-budget recipe's positions
 ])
 def test_activation_count_matches_what_autograd_saves(preset, overrides, precision):
     cfg = BertConfig.from_preset(preset, num_hidden_layers=2, **overrides)

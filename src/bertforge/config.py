@@ -116,11 +116,28 @@ def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def read_config_file(path: str | Path) -> dict:
-    """A YAML (.yaml/.yml), TOML (.toml) or JSON file -> nested dict."""
+RECIPES = Path(__file__).parent / "configs"  # the recipes shipped inside the package
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A file path, or the name of a packaged recipe (`cpu-budget`, `cpu-budget.yaml`)."""
     p = Path(path)
-    if not p.is_file():
-        raise BertforgeError(f"config file '{path}' does not exist: pass a .yaml, .toml or .json file")
+    if p.is_file():
+        return p
+    packaged = RECIPES / (p.name if p.suffix else f"{p.name}.yaml")
+    if p.parent == Path(".") and packaged.is_file():
+        return packaged
+    raise BertforgeError(f"config file '{path}' does not exist: pass a .yaml, .toml or .json file, or a "
+                         f"packaged recipe name ({', '.join(recipe_names())})")
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A YAML (.yaml/.yml), TOML (.toml) or JSON file, or a packaged recipe name -> nested dict."""
+    p = resolve_config_path(path)
     text = p.read_text(encoding="utf-8")
     try:
         if p.suffix in (".yaml", ".yml"):

@@ -46,6 +46,7 @@ class MaskingConfig:
     """MLM masking settings: rate, replacement split, whole-word units, and how the count is drawn."""
 
     mlm_probability: float = 0.15
+    mlm_probability_final: float | None = None  # pretraining: the rate moves linearly to this over the budget
     mask_replace: float = 0.8  # of the chosen positions: share replaced by [MASK]
     random_replace: float = 0.1  # share replaced by a random non-special token; the rest stay as is
     whole_word: bool = False
@@ -54,6 +55,8 @@ class MaskingConfig:
     def __post_init__(self) -> None:
         require(0.0 < self.mlm_probability < 1.0,
                 f"mlm_probability={self.mlm_probability} is out of range: pass a value in (0, 1), e.g. 0.15")
+        require(self.mlm_probability_final is None or 0.0 < self.mlm_probability_final < 1.0,
+                f"mlm_probability_final={self.mlm_probability_final} is out of range: pass a value in (0, 1)")
         require(self.mask_replace >= 0.0 and self.random_replace >= 0.0
                 and self.mask_replace + self.random_replace <= 1.0,
                 f"mask_replace={self.mask_replace} + random_replace={self.random_replace} must be two "

@@ -7,6 +7,8 @@ Three switches go beyond the original BERT, each shipped and tested:
   "pre" (LayerNorm before attention / feed-forward, plus a final LayerNorm; the budget recipe).
 - `bias`: linear and LayerNorm biases on (original) or off (budget recipe).
 - `ffn`: "mlp" (Linear -> act -> Linear) or "geglu" (Linear to 2*I, act(gate) * value, Linear).
+- `position_embedding_type`: "absolute" (a learned table, original BERT) or "rotary" (RoPE on queries and
+  keys, no table; `rope_theta` sets the base; the rotate-half convention of ModernBERT and Llama).
 
 Attention runs through `torch.nn.functional.scaled_dot_product_attention`; the eager version is kept
 as the reference the tests compare against (`attn_implementation="eager"`). Query, key and value
@@ -62,6 +64,8 @@ class BertConfig:
     norm_position: str = "post"  # "post" | "pre"
     bias: bool = True
     ffn: str = "mlp"  # "mlp" | "geglu"
+    position_embedding_type: str = "absolute"  # "absolute" | "rotary"
+    rope_theta: float = 10000.0
     attn_implementation: str = "sdpa"  # "sdpa" | "eager"
     # training only: recompute each layer in backward (torch.utils.checkpoint, non-reentrant), storing only
     # the layer inputs; trades about one extra forward for most of the activation memory
@@ -81,6 +85,9 @@ class BertConfig:
               f"{self.num_attention_heads}: pick a head count that divides it")
         check(self.norm_position in ("post", "pre"), f"norm_position '{self.norm_position}': use 'post' or 'pre'")
         check(self.ffn in ("mlp", "geglu"), f"ffn '{self.ffn}': use 'mlp' or 'geglu'")
+        check(self.position_embedding_type in ("absolute", "rotary"),
+              f"position_embedding_type '{self.position_embedding_type}': use 'absolute' or 'rotary'")
+        check(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
         check(self.attn_implementation in ("sdpa", "eager"),
               f"attn_implementation '{self.attn_implementation}': use 'sdpa' or 'eager'")
         check(self.hidden_act in ACTIVATIONS,
@@ -102,7 +109,8 @@ class BertConfig:
     @property
     def hf_compatible(self) -> bool:
         """True when Hugging Face's BertModel can hold these weights exactly."""
-        return self.norm_position == "post" and self.bias and self.ffn == "mlp"
+        return (self.norm_position == "post" and self.bias and self.ffn == "mlp"
+                and self.position_embedding_type == "absolute")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,12 +163,13 @@ class EncoderOutput:
 
 
 class BertEmbeddings(nn.Module):
-    """word + position + token type embeddings, then LayerNorm and dropout."""
+    """word + position (absolute only) + token type embeddings, then LayerNorm and dropout."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.position_embeddings = (nn.Embedding(config.max_position_embeddings, config.hidden_size)
+                                    if config.position_embedding_type == "absolute" else None)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=config.bias)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
@@ -168,9 +177,11 @@ class BertEmbeddings(nn.Module):
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         T = input_ids.shape[1]
-        if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device)  # (T,)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)  # (B, T, H)
+        x = self.word_embeddings(input_ids)  # (B, T, H)
+        if self.position_embeddings is not None:
+            if position_ids is None:
+                position_ids = torch.arange(T, device=input_ids.device)  # (T,)
+            x = x + self.position_embeddings(position_ids)
         if token_type_ids is None:
             x = x + self.token_type_embeddings.weight[0]
         else:
@@ -190,12 +201,16 @@ class SelfAttention(nn.Module):
         self.dropout_p = config.attention_probs_dropout_prob
         self.eager = config.attn_implementation == "eager"
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, H); mask (B, 1, 1, T) bool, True where a key may be attended, or None.
-        Returns (B, T, H), or (M, H) at the M positions where `keep` (B, T) is True (row-major): every
-        position is still a key and value, but the output projection runs on the kept rows only."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, keep: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (B, T, H); mask (B, 1, 1, T) bool, True where a key may be attended, or None; rope: (cos, sin)
+        tables (T, hs) for rotary positions, or None. Returns (B, T, H), or (M, H) at the M positions where
+        `keep` (B, T) is True (row-major): every position is still a key and value, but the output
+        projection runs on the kept rows only."""
         B, T, H = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, H // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         p = self.dropout_p if self.training else 0.0
         if self.eager:
             y = eager_attention(q, k, v, mask, p)
@@ -203,6 +218,20 @@ class SelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, H)
         return self.out(y if keep is None else y[keep])  # (B, T, H) or (M, H)
+
+
+def rotary_tables(T: int, head_size: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE (cos, sin), each (T, hs): angle t * theta^(-2i/hs), repeated over the two halves."""
+    inv_freq = theta ** (-torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size)  # (hs/2,)
+    angles = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)  # (T, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, hs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, nh, T, hs) queries or keys by their position: x cos + rotate_half(x) sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -252,14 +281,15 @@ class BertLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(H, eps=config.layer_norm_eps, bias=config.bias)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, keep: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, T, H) -> (B, T, H), or (M, H) at the positions where `keep` (B, T) is True: attention reads
         every position, the residual, output projection and feed-forward run on the kept rows only."""
         if self.pre_norm:
-            a = self.attention(self.attn_norm(x), mask, keep)
+            a = self.attention(self.attn_norm(x), mask, keep, rope)
             x = (x if keep is None else x[keep]) + self.dropout(a)
             return x + self.dropout(self.ffn(self.ffn_norm(x)))
-        a = self.attention(x, mask, keep)
+        a = self.attention(x, mask, keep, rope)
         x = self.attn_norm((x if keep is None else x[keep]) + self.dropout(a))
         return self.ffn_norm(x + self.dropout(self.ffn(x)))
 
@@ -302,6 +332,11 @@ class BertModel(nn.Module):
                 f"{self.config.max_position_embeddings}: truncate it or use a model with more positions")
         x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, H)
         mask = extended_attention_mask(attention_mask)
+        rope = None
+        if self.config.position_embedding_type == "rotary":
+            if position_ids is not None:
+                raise BertforgeError("position_ids are not supported with rotary positions: leave them out")
+            rope = rotary_tables(T, self.config.head_size, self.config.rope_theta, input_ids.device)
         hidden_states = [x] if output_hidden_states else None
         last = len(self.layers) - 1
         sparse_last = output_positions is not None and not output_hidden_states
@@ -309,9 +344,9 @@ class BertModel(nn.Module):
         for i, layer in enumerate(self.layers):
             keep = output_positions if sparse_last and i == last else None
             if checkpointed:  # same numbers (dropout RNG replayed), only the layer input kept for backward
-                x = torch.utils.checkpoint.checkpoint(layer, x, mask, keep, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, mask, keep, rope, use_reentrant=False)
             else:
-                x = layer(x, mask, keep)
+                x = layer(x, mask, keep, rope)
             if hidden_states is not None:
                 hidden_states.append(x)
         if self.final_norm is not None:

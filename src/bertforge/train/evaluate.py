@@ -8,6 +8,7 @@ model-selection score: the mean of the official metrics.
 
 `evaluate(model_dir, data)` and `predict(model_dir, data, output)` run a fine-tuned model directory
 (written by `bertforge finetune`, whose config holds the task and sequence settings) without training.
+`evaluate_mlm_data(model_dir, paths)` scores a masked-LM model on held-out text with the one MLM protocol.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bertforge.data.mlm_eval import DEFAULT_MASK_RATE, EVAL_SEED, evaluate_mlm, pack_texts
 from bertforge.errors import require
 from bertforge.train.tasks import (
     TaskAdapter,
@@ -126,3 +128,44 @@ def predict(model_dir: str | Path, data: str, output_dir: str | Path, *, split: 
     (paths), truncated, and the metrics when the data is labelled}."""
     _, result = _run_splits(model_dir, data, (split,), task, device, None, overrides, output_dir)
     return result
+
+
+# ----------------------------------------------------------------------------- held-out masked LM
+
+def evaluate_mlm_data(model_dir: str | Path, data: list[str], *, split: str = "val", seq_len: int = 128,
+                      mask_rate: float = DEFAULT_MASK_RATE, seed: int = EVAL_SEED, max_rows: int | None = None,
+                      batch_size: int = 64, boundary: str = "blank", device: str = "auto",
+                      bert_replacement: bool = False) -> dict:
+    """The held-out MLM protocol (`bertforge.data.mlm_eval`) for a masked-LM model directory (ours or a
+    Hugging Face BERT) on raw text (files, folders, .gz, .jsonl; packed into `seq_len`-token rows as
+    `prepare` packs them) or on a folder written by `bertforge prepare` (its `split`)."""
+    from bertforge.data.corpus import iter_documents
+    from bertforge.data.dataset import PackedDataset
+    from bertforge.model.loading import load_model
+    from bertforge.train.loop import resolve_device
+
+    loaded = load_model(model_dir)
+    require(loaded.head in ("masked_lm", "pretraining"),
+            f"model '{model_dir}' has head {loaded.head!r}: MLM evaluation needs a masked-LM head (a pretrained "
+            "model, not a fine-tuned or sentence-only one)")
+    require(loaded.tokenizer is not None, f"model '{model_dir}' has no tokenizer files: save it with its tokenizer")
+    tokenizer, positions = loaded.tokenizer, loaded.config.max_position_embeddings
+    if len(data) == 1 and (Path(data[0]) / "manifest.json").is_file():
+        rows = PackedDataset(data[0], split)
+        require(rows.seq_len <= positions, f"shards in '{data[0]}' hold {rows.seq_len}-token rows but the model has "
+                f"{positions} positions: prepare them with --seq-len {positions}")
+        manifest = rows.manifest["tokenizer"]
+        require(manifest.get("fingerprint") == tokenizer.fingerprint(),
+                f"the shards in '{data[0]}' were prepared with another tokenizer than model '{model_dir}' has: "
+                "pass raw text instead, or shards prepared with the model's tokenizer")
+        source = f"{data[0]} ({split} split)"
+    else:
+        require(seq_len <= positions, f"--seq-len {seq_len} is longer than the model's {positions} positions: "
+                f"pass --seq-len {positions} or less")
+        rows = pack_texts(iter_documents(data, boundary=boundary), tokenizer, seq_len, max_rows)
+        source = ", ".join(map(str, data))
+    model = loaded.model.to(resolve_device(device))
+    metrics = evaluate_mlm(model, rows, tokenizer, mask_rate=mask_rate, seed=seed, max_rows=max_rows,
+                           batch_size=batch_size, bert_replacement=bert_replacement)
+    return {"task": "mlm", "model": str(model_dir), "data": source, "protocol": "bert 80/10/10" if bert_replacement
+            else "every target [MASK]", **metrics}

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+from bertforge.errors import BertforgeError
 
 FINETUNE_HELP = "fine-tune a model on a GLUE / NLI, SQuAD or multiple-choice task"
 FINETUNE_EXAMPLES = """\
@@ -23,8 +26,11 @@ FINETUNE_EXAMPLES = """\
   bertforge finetune --task sst2 --model runs/pretrain/model --data hub:glue/sst2 --protocol glue-sane --seeds 5
   bertforge finetune --task squad --model MODEL --data squad/ --output runs/squad --batch-size 16
   bertforge finetune --task winogrande --model MODEL --data winogrande/ data.dev_from_train=1000 --epochs 2"""
-EVALUATE_HELP = "score a fine-tuned model on labelled data with the task's official metrics"
+EVALUATE_HELP = ("score a fine-tuned model on labelled data with the task's official metrics, or a masked-LM "
+                 "model on held-out text (--task mlm)")
 EVALUATE_EXAMPLES = """\
+  bertforge evaluate --task mlm --model runs/cpu-budget/model --data heldout/ wiki.txt.gz
+  bertforge evaluate --task mlm --model runs/cpu-budget/model --data data/shards        # its val split
   bertforge evaluate --model runs/rte/model --data glue/RTE
   bertforge evaluate --model runs/mnli/model --data glue/MNLI --output eval/mnli
   bertforge evaluate --model runs/squad/model --data squad/dev-v1.1.json"""
@@ -88,8 +94,9 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 def _add_eval_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="a model directory written by `bertforge finetune`")
-    p.add_argument("--data", required=True, metavar="PATH", help="a task file, a folder with canonical file names, "
-                                                                 "or hub:NAME")
+    p.add_argument("--data", required=True, nargs="+", metavar="PATH",
+                   help="a task file, a folder with canonical file names, or hub:NAME; for --task mlm: held-out "
+                        "text files, folders, .gz, .jsonl, or a folder written by `bertforge prepare`")
     p.add_argument("--task", help="the task (default: the one the model was fine-tuned on)")
     p.add_argument("--batch-size", type=int, metavar="N", help="examples per inference batch (default: 64)")
     p.add_argument("--max-seq-length", type=int, metavar="T", help="tokens per input (default: the fine-tuning "
@@ -105,14 +112,51 @@ def _settings(args: argparse.Namespace) -> dict:
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     _add_eval_common(p)
-    p.add_argument("--split", help="split of a folder or hub dataset (default: dev; MNLI: matched and mismatched)")
+    p.add_argument("--split", help="split of a folder or hub dataset (default: dev; MNLI: matched and mismatched; "
+                                   "mlm on prepared shards: val)")
     p.add_argument("--output", "-o", metavar="DIR", help="also write predictions and metrics.json there")
+    mlm = p.add_argument_group("--task mlm (held-out masked-LM protocol: fixed masks, every target shown as [MASK])")
+    mlm.add_argument("--mask-rate", type=float, default=0.15, metavar="P", help="share of tokens masked (default: 0.15)")
+    mlm.add_argument("--seed", type=int, default=12345, help="mask seed (default: %(default)s)")
+    mlm.add_argument("--seq-len", type=int, default=128, metavar="T", help="tokens per packed row of raw text "
+                                                                           "(default: %(default)s)")
+    mlm.add_argument("--max-rows", type=int, metavar="N", help="score at most N rows (default: all)")
+    mlm.add_argument("--boundary", default="blank", choices=("blank", "line", "heading"),
+                     help="document boundary in raw text (default: %(default)s)")
+    mlm.add_argument("--bert-replacement", action="store_true",
+                     help="BERT's 80/10/10 replacement instead of [MASK] everywhere (overstates accuracy: for "
+                          "comparison with training-time figures only)")
+    mlm.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+
+def _one_data(args: argparse.Namespace) -> str:
+    if len(args.data) != 1:
+        raise BertforgeError(f"--data got {len(args.data)} paths: task {args.task or 'of the model'} reads one file, "
+                             "folder or hub name (several paths are for --task mlm)")
+    return args.data[0]
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from bertforge.train.evaluate import evaluate
+    from bertforge.train.evaluate import evaluate, evaluate_mlm_data
 
-    result = evaluate(args.model, args.data, split=args.split, task=args.task, output_dir=args.output,
+    if args.task == "mlm":
+        from bertforge.data.mlm_eval import format_mlm_metrics
+
+        result = evaluate_mlm_data(args.model, args.data, split=args.split or "val", seq_len=args.seq_len,
+                                   mask_rate=args.mask_rate, seed=args.seed, max_rows=args.max_rows,
+                                   batch_size=args.batch_size or 64, boundary=args.boundary, device=args.device,
+                                   bert_replacement=args.bert_replacement)
+        if args.output:
+            from bertforge.atomic import atomic_write_text
+
+            atomic_write_text(Path(args.output) / "metrics.json", json.dumps(result, indent=2) + "\n")
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(f"model {result['model']}\ndata  {result['data']}\nprotocol {result['protocol']}")
+            print(format_mlm_metrics(result))
+        return 0
+    result = evaluate(args.model, _one_data(args), split=args.split, task=args.task, output_dir=args.output,
                       device=args.device, **_settings(args))
     print(json.dumps(result, indent=2))
     return 0
@@ -127,7 +171,7 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
 def run_predict(args: argparse.Namespace) -> int:
     from bertforge.train.evaluate import predict
 
-    result = predict(args.model, args.data, args.output, split=args.split, task=args.task, device=args.device,
+    result = predict(args.model, _one_data(args), args.output, split=args.split, task=args.task, device=args.device,
                      **_settings(args))
     print(f"{result['task']}: wrote {result['examples']:,} predictions to {', '.join(result['predictions'])}")
     scores = {k: v for k, v in result.items() if isinstance(v, float)}

@@ -67,6 +67,7 @@ class TrainConfig:
     resume: bool = False
     loss_threshold: float | None = None  # stop if train loss stays above it ...
     loss_threshold_after: float = 0.25  # ... once this share of the budget is spent
+    plateau_warn_after: float = 0.3  # warn once if the loss is still on the unigram plateau by then (0 = off)
     progress: bool = True
     tensorboard: bool = False
 
@@ -125,7 +126,8 @@ class Trainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batches: Any,
                  cfg: TrainConfig, *, evaluate: Callable[[nn.Module], dict] | None = None,
                  save_model: Callable[[nn.Module, Path], None] | None = None, run_config: dict | None = None,
-                 clip_grad_norm: float | None = None, supports_fsdp: bool = False):
+                 clip_grad_norm: float | None = None, plateau_level: float | None = None,
+                 supports_fsdp: bool = False):
         cfg.validate()
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
@@ -135,6 +137,8 @@ class Trainer:
         self.optimizer, self.scheduler, self.batches = optimizer, scheduler, batches
         self.evaluate_fn, self.save_model_fn, self.run_config = evaluate, save_model, run_config or {}
         self.clip_grad_norm = clip_grad_norm
+        self.plateau_level = plateau_level  # the unigram loss of the training data (pretraining), or None
+        self.plateau_warned = False
         self.supports_fsdp = supports_fsdp  # the caller evaluates on every rank and saves through save_model()
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
@@ -321,9 +325,12 @@ class Trainer:
         return total / accum, tokens
 
     def set_lr_progress(self) -> None:
-        """Schedules that follow the budget (time-based) get the current progress before each step."""
+        """Schedules that follow the budget (time-based LR, a masking schedule) get the current progress
+        before each step."""
         if self.scheduler is not None and hasattr(self.scheduler, "set_progress"):
             self.scheduler.set_progress(self.progress())
+        if hasattr(self.batches, "set_progress"):
+            self.batches.set_progress(self.progress())
 
     # ---------------------------------------------------------------- run
     def run_eval(self) -> dict:
@@ -366,10 +373,12 @@ class Trainer:
             return True
         return False
 
-    def evaluate_and_save(self, save: bool) -> dict:
+    def evaluate_and_save(self, save: bool, bar=None) -> dict:
         metrics = self.run_eval()
         if metrics:
             self.log({"step": self.step, "tokens": self.tokens, "elapsed": round(self.elapsed, 2), **metrics})
+            if bar is not None:
+                bar.set_eval(metrics)
         is_best = self._is_better(metrics)
         if save or is_best:
             self.save_checkpoint(is_best=is_best)
@@ -410,7 +419,7 @@ class Trainer:
                     cfg.save_every_minutes and now - last_save >= cfg.save_every_minutes * 60)
                 if (eval_due or save_due) and not self.done():
                     if eval_due:
-                        metrics = self.evaluate_and_save(save=bool(save_due))
+                        metrics = self.evaluate_and_save(save=bool(save_due), bar=bar)
                         last_eval = time.monotonic()
                     else:
                         self.save_checkpoint()
@@ -438,7 +447,8 @@ class Trainer:
         self.log({"step": self.step, "tokens": self.tokens, "elapsed": round(self.elapsed, 2),
                   "loss": loss, "lr": lr, "tokens_per_s": round(tok_s, 1)})
         bar.update(self.progress(), step=self.step, loss=loss, lr=lr, tok_s=tok_s,
-                   eta=self._eta())
+                   eta=self._eta(), force=self.done())
+        self._check_plateau(loss)
         if not math.isfinite(loss):
             dist.print0(f"stopping: training loss became {loss} at step {self.step}; the last good checkpoint "
                         f"is {self.ckpt.latest() or 'none'} — lower optim.lr, raise warmup, or use fp32")
@@ -449,6 +459,25 @@ class Trainer:
                         f"{self.progress():.0%} of the budget — check the learning rate, masking and data")
             return "loss_threshold"
         return "budget"
+
+    def _check_plateau(self, loss: float) -> None:
+        """Warn once when, past `plateau_warn_after` of the budget, the training loss is still within 0.25
+        nats of the unigram level (what predicting token frequencies alone scores): the run is not learning
+        context, and more of the same budget rarely fixes that."""
+        share = self.cfg.plateau_warn_after
+        if (self.plateau_warned or self.plateau_level is None or not share or self.progress() < share
+                or not math.isfinite(loss) or loss < self.plateau_level - 0.25):
+            return
+        self.plateau_warned = True
+        message = (f"warning: after {self.progress():.0%} of the budget the training loss {loss:.2f} is still on the "
+                   f"unigram plateau (predicting token frequencies alone scores {self.plateau_level:.2f}): the model "
+                   "is not using context yet. Likely causes: too few optimizer updates for the budget (lower "
+                   "train.batch_size), a learning rate too low or a warmup too long (optim.lr, optim.warmup_ratio), "
+                   "dropout on (model.hidden_dropout_prob=0), post-LN at a high learning rate (model.preset=budget-mini), "
+                   "learned absolute positions (model.position_embedding_type=rotary); see docs/healthy-curves.md")
+        dist.print0(message)
+        self.log({"step": self.step, "tokens": self.tokens, "elapsed": round(self.elapsed, 2),
+                  "warning": "plateau", "loss": loss, "plateau_level": self.plateau_level})
 
     def _eta(self) -> float | None:
         p = self.progress()

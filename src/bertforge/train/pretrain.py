@@ -10,16 +10,15 @@ exactly the micro-batches one process with accumulation 2 sees, and a resumed ru
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from bertforge.config import config_to_dict
-from bertforge.data.masking import IGNORE_INDEX, MaskingConfig, MLMCollator
+from bertforge.data.masking import MaskingConfig, MLMCollator
+from bertforge.data.mlm_eval import evaluate_mlm, unigram_loss
 from bertforge.errors import BertforgeError
 from bertforge.model.bert import BertConfig, pad_vocab_size
 from bertforge.train import distributed as dist
@@ -31,7 +30,8 @@ from bertforge.train.optim import OptimConfig, build_optimizer, build_schedule
 class PretrainDataConfig:
     path: str = ""  # a directory written by `bertforge prepare`
     tokenizer: str | None = None  # default: the tokenizer saved inside the prepared directory
-    eval_batches: int = 20  # validation micro-batches per evaluation (fixed masks)
+    eval_rows: int = 1024  # held-out rows scored at each evaluation (bertforge.data.mlm_eval protocol)
+    eval_batches: int | None = None  # deprecated: eval_rows = eval_batches x train.batch_size
 
 
 @dataclass
@@ -66,7 +66,17 @@ class PretrainBatches:
 
         self.loader = ShardLoader(dataset, batch_size, seed, rank=rank, world_size=world)
         self.dataset, self.collator, self.seed = dataset, collator, seed
+        self.start_rate: float | None = None
         self.rank, self.world = rank, world
+
+    def set_progress(self, progress: float) -> None:
+        """A masking schedule (masking.mlm_probability_final): the rate for the budget share spent."""
+        cfg = self.collator.cfg
+        if self.start_rate is None:
+            self.start_rate = cfg.mlm_probability
+        if cfg.mlm_probability_final is not None:
+            rate = self.start_rate + (cfg.mlm_probability_final - self.start_rate) * progress
+            self.collator.cfg = replace(cfg, mlm_probability=round(rate, 6))
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         loader = self.loader
@@ -87,35 +97,6 @@ class PretrainBatches:
 
 def mask_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + index) % (2**63 - 1)
-
-
-@torch.no_grad()
-def evaluate_mlm(model: nn.Module, rows, collator: MLMCollator, batch_size: int, max_batches: int,
-                 seed: int = 12345) -> dict:
-    """Validation MLM loss (token-weighted), accuracy and perplexity with fixed masks; NSP accuracy too."""
-    device = next(model.parameters()).device
-    loss_sum, correct, count, nsp_correct, nsp_count = 0.0, 0, 0, 0, 0
-    n = min(max_batches, math.ceil(len(rows) / batch_size))
-    for b in range(n):
-        idx = np.arange(b * batch_size, min((b + 1) * batch_size, len(rows)))
-        collator.generator.manual_seed(seed + b)
-        batch = {k: v.to(device) for k, v in collator(rows.batch(idx)).items()}
-        out = model(**batch)
-        targets = batch["labels"][batch["labels"] != IGNORE_INDEX]
-        if targets.numel():
-            logits = out.logits.float()
-            loss_sum += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
-            correct += int((logits.argmax(-1) == targets).sum())
-            count += targets.numel()
-        if getattr(out, "nsp_logits", None) is not None and "next_sentence_label" in batch:
-            nsp_correct += int((out.nsp_logits.argmax(-1) == batch["next_sentence_label"]).sum())
-            nsp_count += len(idx)
-    loss = loss_sum / max(count, 1)
-    metrics = {"eval_loss": loss, "eval_accuracy": correct / max(count, 1),
-               "eval_perplexity": math.exp(min(loss, 50.0)), "eval_masked_tokens": count}
-    if nsp_count:
-        metrics["eval_nsp_accuracy"] = nsp_correct / nsp_count
-    return metrics
 
 
 def data_tokenizer_path(data: PretrainDataConfig, manifest: dict) -> Path:
@@ -168,21 +149,26 @@ def main(cfg: PretrainRunConfig) -> dict:
     batches = PretrainBatches(train_rows, collator, cfg.train.batch_size, cfg.train.seed,
                               dist.rank(), dist.world_size())
     val_rows = PackedDataset(data_dir, "val") if any(sh["split"] == "val" for sh in manifest["shards"]) else None
-    eval_collator = MLMCollator.from_tokenizer(tokenizer, cfg.masking, seed=0)
+    eval_rows = cfg.data.eval_rows
+    if cfg.data.eval_batches is not None:
+        print(f"note: data.eval_batches is deprecated: use data.eval_rows (now {cfg.data.eval_batches} x "
+              f"{cfg.train.batch_size} rows)")
+        eval_rows = cfg.data.eval_batches * cfg.train.batch_size
 
     sharded = dist.is_distributed() and cfg.train.parallel == "fsdp"
 
     def evaluate(m: nn.Module) -> dict:  # rank 0 only, except under FSDP: its forward needs every rank
         if val_rows is None or not (dist.is_main() or sharded):
             return {}
-        return evaluate_mlm(m, val_rows, eval_collator, cfg.train.batch_size, cfg.data.eval_batches)
+        return evaluate_mlm(m, val_rows, tokenizer, max_rows=eval_rows)
 
     def write_model(m: nn.Module, directory: Path) -> None:
         save_model(m, directory, tokenizer=tokenizer)
 
     trainer = Trainer(model, optimizer, scheduler, batches, cfg.train, evaluate=evaluate,
                       save_model=write_model, run_config=run_config,
-                      clip_grad_norm=cfg.optim.clip_grad_norm or None, supports_fsdp=True)
+                      clip_grad_norm=cfg.optim.clip_grad_norm or None,
+                      plateau_level=unigram_loss(train_rows, tokenizer) if not nsp else None, supports_fsdp=True)
     out = Path(cfg.train.output_dir)
     if dist.is_main():
         from bertforge.atomic import atomic_write_text

@@ -13,7 +13,8 @@ import json
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides of any config field, e.g. optim.lr=1e-3 model.preset=small")
-    p.add_argument("--config", metavar="FILE", help="a recipe file (.yaml/.toml/.json), e.g. configs/cpu-budget.yaml")
+    p.add_argument("--config", metavar="FILE", help="a recipe file (.yaml/.toml/.json) or the name of a packaged "
+                                                   "recipe: cpu-budget, gpu-budget, tiny-smoke")
     p.add_argument("--data", metavar="DIR", help="prepared shards (from `bertforge prepare`) = data.path")
 
 

@@ -1,8 +1,13 @@
-"""The training progress bar: step, loss, lr, tokens/s and ETA over a 0..1 budget (tqdm)."""
+"""Training progress: step, loss, held-out accuracy, lr, tokens/s and time left over a 0..1 budget.
+
+On a terminal it is a tqdm bar; elsewhere (a log file, CI, a notebook's captured stderr) it prints one
+plain line every `line_seconds`, so a long run never goes quiet.
+"""
 
 from __future__ import annotations
 
 import sys
+import time
 
 from tqdm.auto import tqdm
 
@@ -17,22 +22,40 @@ def format_seconds(seconds: float | None) -> str:
 
 
 class ProgressBar:
-    """A bar over the budget share (steps, tokens or wall clock, whichever binds)."""
+    """A bar (or timed lines) over the budget share (steps, tokens or wall clock, whichever binds)."""
 
-    def __init__(self, enabled: bool = True, initial: float = 0.0):
+    def __init__(self, enabled: bool = True, initial: float = 0.0, *, stream=None, line_seconds: float = 10.0):
+        self.stream = stream or sys.stderr
         self.bar = None
-        if enabled:
-            self.bar = tqdm(total=1000, initial=int(initial * 1000), unit="‰", file=sys.stderr,
+        self.lines = enabled and not getattr(self.stream, "isatty", lambda: False)()
+        if enabled and not self.lines:
+            self.bar = tqdm(total=1000, initial=int(initial * 1000), unit="‰", file=self.stream,
                             bar_format="{l_bar}{bar}| {postfix}", dynamic_ncols=True, leave=True)
         self.last = int(initial * 1000)
+        self.line_seconds, self.last_line = line_seconds, time.monotonic()
+        self.eval_text = ""
 
-    def update(self, progress: float, *, step: int, loss: float, lr: float, tok_s: float, eta: float | None) -> None:
+    def set_eval(self, metrics: dict) -> None:
+        """Show the latest held-out accuracy beside the training numbers."""
+        if "eval_accuracy" in metrics:
+            self.eval_text = f" held-out acc {metrics['eval_accuracy']:.1%}"
+
+    def update(self, progress: float, *, step: int, loss: float, lr: float, tok_s: float, eta: float | None,
+               force: bool = False) -> None:
+        text = (f"step {step:,} loss {loss:.3f}{self.eval_text} lr {lr:.1e} {tok_s:,.0f} tok/s "
+                f"left {format_seconds(eta)}")
+        if self.lines:
+            now = time.monotonic()
+            if force or now - self.last_line >= self.line_seconds:
+                print(f"  {progress:4.0%} {text}", file=self.stream, flush=True)
+                self.last_line = now
+            return
         if self.bar is None:
             return
         now = int(progress * 1000)
         self.bar.update(max(0, now - self.last))
         self.last = now
-        self.bar.set_postfix_str(f"step {step} loss {loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s eta {format_seconds(eta)}")
+        self.bar.set_postfix_str(text)
 
     def close(self) -> None:
         if self.bar is not None:
