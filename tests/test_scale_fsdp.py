@@ -89,14 +89,15 @@ def test_fsdp_two_processes_equal_one_process_and_resume_after_kill(prepared, tm
     proc = subprocess.Popen(command([*fsdp, "--max-steps", "200", "--output", str(killed)], 2, 29543), env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 900
-    while not (killed / "checkpoints" / "step_00000040" / "state.pt").exists():
+    pointer = killed / "checkpoints" / "latest"
+    while not (pointer.is_file() and pointer.read_text().strip() >= "step_00000040"):
         assert proc.poll() is None, "run ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert max(losses(killed)) < 200
-    shards = killed / "checkpoints" / "step_00000040" / "shards"
+    shards = killed / "checkpoints" / pointer.read_text().strip() / "shards"
     assert sorted(p.name for p in shards.iterdir()) == ["dcp", "trainer_rank0.pt", "trainer_rank1.pt"]
     run([*fsdp, "--max-steps", "200", "--output", str(killed), "--resume"], nproc=2, port=29544)
     a, b = losses(straight), losses(killed)
