@@ -9,7 +9,8 @@ the budget layout has no HF counterpart).
 
 Cases, run in priority order (the headline first) so a run cut short by `--budget-s` still has them:
   ours   preset mini/small/base x layout post (original BERT, our presets) / budget (pre-LN, no bias,
-         GeGLU, no dropout: the gpu-budget recipe's layout at that size) x bf16 autocast / fp32 x
+         GeGLU, no dropout, rotary positions: the gpu-budget recipe's layout at that size; the recipe
+         itself, `crammed` = 16 layers x 768, runs too) x bf16 autocast / fp32 x
          torch.compile / eager
   hf     transformers.BertForMaskedLM (SDPA attention), bf16 / fp32, eager (and compiled for base)
   gc     model.gradient_checkpointing on / off for base at seq 128 and 512 (same tokens per batch)
@@ -51,9 +52,9 @@ import torch
 VOCAB = 30522  # bert-base-uncased; the model pads it to 30528
 MASK_ID, CLS_ID, SEP_ID = 103, 101, 102
 LAYOUTS = {"post": {}, "budget": dict(norm_position="pre", bias=False, ffn="geglu", hidden_dropout_prob=0.0,
-                                      attention_probs_dropout_prob=0.0)}
-BATCH = {"mini": 1024, "small": 512, "base": 256}  # x 128 tokens: enough work to keep an H200 busy
-COMPILE_GUESS_S = {"mini": 25.0, "small": 30.0, "base": 50.0}  # before one is measured
+                                      attention_probs_dropout_prob=0.0, position_embedding_type="rotary")}
+BATCH = {"mini": 1024, "small": 512, "base": 256, "crammed": 256}  # x 128 tokens: enough work to keep an H200 busy
+COMPILE_GUESS_S = {"mini": 25.0, "small": 30.0, "base": 50.0, "crammed": 60.0}  # before one is measured
 
 
 @dataclass
@@ -110,6 +111,7 @@ def plan(smoke: bool) -> list[Case]:
          Case("ours", "base", "post", "bf16", False, b["base"], offload=True),
          Case("ours", "small", "budget", "bf16", True, b["small"]),
          Case("ours", "mini", "budget", "bf16", True, b["mini"]),
+         Case("ours", "crammed", "budget", "bf16", True, b["base"]),
          Case("ours", "base", "post", "bf16", True, b["base"])]
     for preset in ("small", "mini"):
         c += [Case("hf", preset, "post", "bf16", False, b[preset]),

@@ -7,7 +7,7 @@ bertforge's `BertForMaskedLM` with the same config through the same code, so the
 model implementation alone. If transformers' BERT left the plateau sooner than ours, the difference would
 be in initialisation, normalisation or masking, not in the recipe.
 
-    python benchmarks/hf_control.py --impl hf --data runs/data/shards8192 --tokens 3340000 --out runs/control/hf \
+    python benchmarks/hf_control.py --impl hf --data runs/data/shards8192 --minutes 3 --out runs/control/hf \
         model.preset=mini model.hidden_dropout_prob=0 model.attention_probs_dropout_prob=0 train.batch_size=64 \
         optim.lr=1e-3 optim.warmup_ratio=0.05 masking.mlm_probability=0.25
 """
@@ -56,22 +56,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--impl", choices=("hf", "ours"), required=True)
     ap.add_argument("--data", required=True)
-    ap.add_argument("--tokens", type=int, required=True, help="training tokens (the budget of the schedule)")
+    budget = ap.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--tokens", type=int, help="training tokens (the budget of the schedule)")
+    budget.add_argument("--minutes", type=float, help="wall-clock budget instead (same minutes for both models)")
     ap.add_argument("--evals", type=int, default=2)
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="auto")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     cfg = load_run_config(PretrainRunConfig, overrides=[
-        *args.overrides, f"data.path={args.data}", f"train.output_dir={args.out}", f"train.max_tokens={args.tokens}",
-        "optim.schedule=time", "train.progress=false", f"train.device={args.device}"])
+        *args.overrides, f"data.path={args.data}", f"train.output_dir={args.out}", "optim.schedule=time",
+        f"train.max_tokens={args.tokens}" if args.tokens else f"train.time_budget={args.minutes * 60}",
+        "train.progress=false", f"train.device={args.device}"])
     rows, val = PackedDataset(args.data, "train"), PackedDataset(args.data, "val")
     tok = WordPieceTokenizer.from_pretrained(data_tokenizer_path(cfg.data, rows.manifest))
     seed_everything(cfg.train.seed)
     model = build(args.impl, cfg, tok.vocab_size)
-    cfg.train.eval_every = max(1, args.tokens // args.evals // (cfg.train.batch_size * rows.seq_len))
+    if args.tokens:
+        cfg.train.eval_every = max(1, args.tokens // args.evals // (cfg.train.batch_size * rows.seq_len))
+    else:
+        cfg.train.eval_every_minutes = args.minutes / args.evals
     optimizer = build_optimizer(model, cfg.optim, "cuda" if torch.cuda.is_available() else "cpu")
-    scheduler = build_schedule(optimizer, cfg.optim, None)  # driven by set_progress over the token budget
+    scheduler = build_schedule(optimizer, cfg.optim, None)  # driven by set_progress over the budget
     batches = PretrainBatches(rows, MLMCollator.from_tokenizer(tok, cfg.masking, seed=cfg.train.seed),
                               cfg.train.batch_size, cfg.train.seed)
     trainer = Trainer(model, optimizer, scheduler, batches, cfg.train,

@@ -28,15 +28,15 @@ def loss_and_grads(model: torch.nn.Module, b: dict, seed: int = 7) -> tuple[torc
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("norm_position", ["post", "pre"])
+@pytest.mark.parametrize("layout", [{}, {"norm_position": "pre", "ffn": "geglu", "bias": False,
+                                         "position_embedding_type": "rotary"}])
 @pytest.mark.parametrize("head", [BertForMaskedLM, BertForSequenceClassification])
-def test_checkpointing_gives_the_same_loss_and_gradients(norm_position, head):
-    cfg = BertConfig.from_preset("tiny", norm_position=norm_position, hidden_dropout_prob=0.1,
-                                 attention_probs_dropout_prob=0.1)
+def test_checkpointing_gives_the_same_loss_and_gradients(layout, head):
+    kw = dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, **layout)
+    cfg = BertConfig.from_preset("tiny", **kw)
     torch.manual_seed(0)
     plain = head(cfg).train()
-    ckpt = head(BertConfig.from_preset("tiny", norm_position=norm_position, hidden_dropout_prob=0.1,
-                                       attention_probs_dropout_prob=0.1, gradient_checkpointing=True)).train()
+    ckpt = head(BertConfig.from_preset("tiny", gradient_checkpointing=True, **kw)).train()
     ckpt.load_state_dict(plain.state_dict())
     b = batch(cfg.vocab_size)
     if head is BertForSequenceClassification:

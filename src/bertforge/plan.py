@@ -14,7 +14,8 @@ optimizer:
                      bf16/fp16 autocast, 4 in fp32, per token (row) and layer:
                        linear inputs 3H*a (qkv, output projection, FFN up) + FFN 2I*a (GELU) or 4I*a (GeGLU)
                        + 2 LayerNorm inputs 2*(4H + 8) + attention: fused kernels (CUDA; CPU without attention
-                       dropout) 3H*a + 4*nh, CPU math path with dropout 12H + 12*nh*T
+                       dropout) 3H*a + 4*nh (+ 2H*a: rotated queries and keys with rotary positions), CPU
+                       math path with dropout 12H + 12*nh*T
                        + hidden-dropout masks 2H (1 byte each on CUDA, a on CPU)
                      the last layer past attention, the final norm and the MLM head only at the M masked rows;
                      the head keeps log-softmax over the vocabulary (4*M*V); autocast keeps a 2-byte copy of
@@ -84,6 +85,8 @@ def layer_activation_bytes(cfg, rows: int, sparse_rows: int, T: int, a: int, dev
         attention = 12 * H + 12 * nh * T  # math path: fp32 q, k, v copies and three (T, T) maps per head
     else:
         attention = 3 * H * a + 4 * nh  # fused kernel: the qkv projection and the log-sum-exp
+        if cfg.position_embedding_type == "rotary":
+            attention += 2 * H * a  # the rotated queries and keys
     ffn = (4 if cfg.ffn == "geglu" else 2) * I * a
     dropout = 2 * H * (1 if device == "cuda" else a) if cfg.hidden_dropout_prob > 0 else 0
     before = H * a + attention  # the qkv input and the attention, at every row
@@ -120,6 +123,8 @@ def estimate(cfg, batch: int, seq: int, *, precision: str = "fp32", gradient_che
     def activations(b: int) -> tuple[int, int]:
         N, M = b * seq, b * m
         embed = N * (8 * H + 16)  # LayerNorm input and its output (or the dropout mask), statistics, token ids
+        if cfg.position_embedding_type == "rotary":
+            embed += 8 * seq * cfg.head_size  # the (T, hs) cos and sin tables, shared by every layer
         head = M * (3 * H * a + 4 * H + 8 + 4 * V) + (M * (4 * H + 8) if cfg.norm_position == "pre" else 0)
         full, last = layer_activation_bytes(cfg, N, N, seq, a, device), layer_activation_bytes(cfg, N, M, seq, a, device)
         copies = 2 * matmul if a == 2 else 0
