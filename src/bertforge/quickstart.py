@@ -144,7 +144,7 @@ def step_pretrain(ctx: Context) -> str:
         f"train.eval_every_minutes={max(ctx.opts.minutes / 3, 0.25):.2f}"])
     ctx.summary = main(cfg)
     ctx.wrote("run", ctx.out, "config.json, metrics.jsonl (loss curve), checkpoints/, summary.json")
-    ctx.wrote("model", ctx.out / "model", "the pretrained model in our format, with its tokenizer")
+    ctx.wrote("model", ctx.out / "model", "the pretrained model with its tokenizer (bertforge and transformers load it)")
     losses = _losses(ctx.out / "metrics.jsonl")
     return (f"'{ctx.opts.preset}' for {ctx.summary['elapsed']:.0f} s: {ctx.summary['step']:,} steps, "
             f"{ctx.summary['tokens']:,} tokens, training loss {losses[0]:.2f} -> {losses[-1]:.2f}")
