@@ -348,9 +348,10 @@ def main() -> None:
     if args.list:
         print("\n".join(c.name for c in cases))
         return
-    if args.cpu_smoke:
+    if args.cpu_smoke:  # every case runs, however slow the machine: no budget, no per-case timeout
         device = torch.device("cpu")
         args.steps, args.warmup, args.compile_backend = 1, 1, "aot_eager"
+        args.budget_s, args.case_timeout_s = float("inf"), 0.0
     elif not torch.cuda.is_available():
         sys.exit("bench_gpu: no CUDA device; use --cpu-smoke to check the script on a CPU")
     else:
@@ -386,8 +387,8 @@ def main() -> None:
                   + (f", compile {res.compile_s:.1f} s" if res.compile_s is not None else "")
                   + f" ({time.perf_counter() - t:.0f} s)", flush=True)
         except Exception as e:  # one failing case (OOM, compile error, timeout) must not end the run
-            msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            res = Result(case.name, status="failed", error=msg[:300], spec=asdict(case))
+            msg = f"{type(e).__name__}: {' '.join(str(e).split())}"  # dynamo wraps the cause: keep all of it
+            res = Result(case.name, status="failed", error=msg[:600], spec=asdict(case))
             print(f"[{i}/{len(cases)}] {case.name}: FAILED {msg[:200]}", flush=True)
         results.append(res)
         free(device)
