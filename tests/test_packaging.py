@@ -14,9 +14,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _setuptools_major() -> int:
+    try:
+        import setuptools
+    except ImportError:
+        return 0
+    return int(setuptools.__version__.split(".")[0])
+
+
 @pytest.mark.slow
 def test_wheel_installs_with_recipes_and_license(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+    isolation = [] if _setuptools_major() >= 77 else ["--use-pep517"]  # else pip fetches pyproject's setuptools
+    extra = ["--no-build-isolation"] if not isolation else isolation
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *extra, "-q", "-w",
                     str(tmp_path / "dist"), str(REPO)], check=True, capture_output=True, timeout=300)
     wheel = next((tmp_path / "dist").glob("bertforge-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
