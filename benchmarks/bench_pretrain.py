@@ -176,7 +176,8 @@ def recipe_bare_step(recipe: str, data: str, steps: int) -> dict:
     def step():
         out = model(**b)
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm or 1e9)
+        if cfg.optim.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

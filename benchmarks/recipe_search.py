@@ -33,7 +33,8 @@ from pathlib import Path
 
 import yaml
 
-SPEED_KEYS = ("model.", "train.batch_size", "masking.mlm_probability", "data.path", "train.grad_accum")
+SPEED_KEYS = ("model.", "train.batch_size", "masking.mlm_probability", "data.path", "train.grad_accum",
+              "optim.optimizer")  # LAMB has no fused CPU kernel: slower than AdamW per step
 
 
 def load_grid(path: Path) -> dict:

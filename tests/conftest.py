@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny config, the shared data folder (skips cleanly when absent)."""
+"""Shared fixtures: the shared data folder (skips cleanly when absent) and shards prepared from it."""
 
 from __future__ import annotations
 
@@ -20,3 +20,37 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, shared_data) -> Path:
+    """A 1,000-token WordPiece trained on 400k characters of WikiText-2 and 64-token packed shards of it
+    (train + val), shared by the pretraining, DDP and FSDP tests."""
+    from bertforge.data.shards import PrepareConfig, prepare
+    from bertforge.wordpiece import train_wordpiece
+
+    root = tmp_path_factory.mktemp("pretrain")
+    text = (shared_data / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8")[:400_000]
+    corpus = root / "corpus.txt"
+    corpus.write_text(text, encoding="utf-8")
+    tok = train_wordpiece([corpus], vocab_size=1000, show_progress=False)
+    tok.save(root / "tok")
+    prepare(PrepareConfig(sources=[str(corpus)], output=str(root / "data"), tokenizer=str(root / "tok"),
+                          seq_len=64, val_fraction=0.05, num_workers=0, boundary="heading", show_progress=False))
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory) -> dict[str, Path]:
+    """Tiny saved models of every head the API and server use (tests/test_serve_support.py)."""
+    from test_serve_support import tiny_models
+
+    return tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def models(paths) -> dict:
+    """The `paths` models loaded through `bertforge.load`, by name."""
+    import bertforge
+
+    return {k: bertforge.load(v, name=k) for k, v in paths.items()}

@@ -11,23 +11,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_serve_support import tiny_models
+from test_serve_support import TEXTS
 
 import bertforge
 from bertforge.errors import BertforgeError
-
-TEXTS = ["A man is playing a guitar.", "The cat sat on the mat.", "the children played near the bridge " * 12,
-         "A woman is slicing an onion."]
-
-
-@pytest.fixture(scope="module")
-def paths(tmp_path_factory):
-    return tiny_models(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def models(paths):
-    return {k: bertforge.load(v, name=k) for k, v in paths.items()}
 
 
 def test_import_bertforge_stays_light():

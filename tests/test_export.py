@@ -24,6 +24,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+from test_hf_parity import AUTO, CASES  # the heads and their transformers Auto classes, in one place
 
 from bertforge.cli import main
 from bertforge.errors import BertforgeError
@@ -36,16 +37,6 @@ from bertforge.model.pooling import SentenceEncoder
 from bertforge.wordpiece import SPECIAL_TOKENS, WordPieceTokenizer
 
 TOL = 1e-4
-AUTO = {
-    "base": transformers.AutoModel,
-    "pretraining": transformers.AutoModelForPreTraining,
-    "masked_lm": transformers.AutoModelForMaskedLM,
-    "sequence_classification": transformers.AutoModelForSequenceClassification,
-    "question_answering": transformers.AutoModelForQuestionAnswering,
-    "multiple_choice": transformers.AutoModelForMultipleChoice,
-}
-CASES = [("base", None), ("pretraining", None), ("masked_lm", None), ("sequence_classification", 3),
-         ("sequence_classification", 1), ("question_answering", None), ("multiple_choice", None)]
 SWITCHES = {"norm_position": ("post", "pre"), "bias": (True, False), "ffn": ("mlp", "geglu")}
 if "position_embedding_type" in {f.name for f in fields(BertConfig)}:  # the rotary switch, where it exists
     SWITCHES["position_embedding_type"] = ("absolute", "rotary")

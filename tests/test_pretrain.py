@@ -21,23 +21,6 @@ TINY = ["model.preset=tiny", "model.max_position_embeddings=64", "model.hidden_d
         "model.attention_probs_dropout_prob=0", "train.progress=false", "train.log_every=1"]
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, shared_data) -> Path:
-    """A WordPiece trained on a real slice and 64-token packed shards of it (train + val)."""
-    from bertforge.data.shards import PrepareConfig, prepare
-    from bertforge.wordpiece import train_wordpiece
-
-    root = tmp_path_factory.mktemp("pretrain")
-    text = (shared_data / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8")[:400_000]
-    corpus = root / "corpus.txt"
-    corpus.write_text(text, encoding="utf-8")
-    tok = train_wordpiece([corpus], vocab_size=1000, show_progress=False)
-    tok.save(root / "tok")
-    prepare(PrepareConfig(sources=[str(corpus)], output=str(root / "data"), tokenizer=str(root / "tok"),
-                          seq_len=64, val_fraction=0.05, num_workers=0, boundary="heading", show_progress=False))
-    return root / "data"
-
-
 def env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 

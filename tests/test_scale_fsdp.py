@@ -21,23 +21,6 @@ TINY = ["model.preset=tiny", "model.max_position_embeddings=64", "model.hidden_d
         "train.eval_every=0", "optim.lr=1e-3", "optim.warmup_steps=0", "optim.schedule=constant"]
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, shared_data) -> Path:
-    """A WordPiece trained on a real slice and 64-token packed shards of it (train + val)."""
-    from bertforge.data.shards import PrepareConfig, prepare
-    from bertforge.wordpiece import train_wordpiece
-
-    root = tmp_path_factory.mktemp("scale")
-    corpus = root / "corpus.txt"
-    corpus.write_text((shared_data / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8")[:300_000],
-                      encoding="utf-8")
-    tok = train_wordpiece([corpus], vocab_size=1000, show_progress=False)
-    tok.save(root / "tok")
-    prepare(PrepareConfig(sources=[str(corpus)], output=str(root / "data"), tokenizer=str(root / "tok"),
-                          seq_len=64, val_fraction=0.05, num_workers=0, boundary="heading", show_progress=False))
-    return root / "data"
-
-
 def env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 

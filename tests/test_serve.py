@@ -13,24 +13,10 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from test_serve_support import tiny_models
+from test_serve_support import TEXTS
 
-import bertforge
 from bertforge.serve.app import create_app
 from bertforge.serve.core import ServeSettings
-
-TEXTS = ["A man is playing a guitar.", "The cat sat on the mat.", "the children played near the bridge " * 12,
-         "A woman is slicing an onion."]
-
-
-@pytest.fixture(scope="module")
-def paths(tmp_path_factory):
-    return tiny_models(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
-def models(paths):
-    return {k: bertforge.load(v, name=k) for k, v in paths.items()}
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Tiny models for the API and server tests, built in-process (no ../shared needed).
+"""Tiny models for the API and server tests, built in-process (no ../shared needed); the `paths` and
+`models` fixtures in conftest.py hold them.
 
 `tiny_models(root)` trains a WordPiece vocabulary on a few sentences and saves random tiny models of
 every head the server uses: an MLM ("mlm"), a sentence model in the sentence-transformers layout
@@ -10,6 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
+TEXTS = ["A man is playing a guitar.", "The cat sat on the mat.", "the children played near the bridge " * 12,
+         "A woman is slicing an onion."]
 
 CORPUS = [
     "The baker carried fresh bread across the old stone bridge to the market square.",
@@ -45,3 +49,4 @@ def tiny_models(root: Path) -> dict[str, Path]:
     SentenceEncoder(BertModel(config).eval(), "mean", True, 48).save_sentence_transformers(root / "st", tok)
     paths["st"] = root / "st"
     return paths
+
