@@ -175,3 +175,23 @@ def test_plateau_warning_on_a_deliberately_bad_config(tiny_setup, tmp_path, caps
     warnings = [r for r in records if r.get("warning") == "plateau"]
     assert len(warnings) == 1 and warnings[0]["step"] >= 6  # once, after 30% of the 20 steps
     assert warnings[0]["train_loss"] > warnings[0]["plateau_level"] - 0.25
+
+
+def test_masking_schedule_moves_the_rate_over_the_budget(tiny_setup):
+    from bertforge.data.dataset import PackedDataset
+    from bertforge.data.masking import MaskingConfig, MLMCollator
+    from bertforge.train.pretrain import PretrainBatches
+
+    rows = PackedDataset(tiny_setup["data"], "train")
+    cfg = MaskingConfig(mlm_probability=0.4, mlm_probability_final=0.1)
+    batches = PretrainBatches(rows, MLMCollator.from_tokenizer(tiny_setup["tok"], cfg), batch_size=32, seed=0)
+
+    def share(progress: float) -> float:
+        batches.set_progress(progress)
+        b = batches.next_batch()
+        maskable = (b["attention_mask"].bool() & (b["labels"] != -100)).sum() / (b["attention_mask"].sum() - 64)
+        return float(maskable)  # labelled share of the non-[CLS]/[SEP] tokens
+
+    assert share(0.0) == pytest.approx(0.4, abs=0.02)
+    assert share(0.5) == pytest.approx(0.25, abs=0.02)
+    assert share(1.0) == pytest.approx(0.1, abs=0.02)

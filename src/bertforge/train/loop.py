@@ -324,7 +324,7 @@ class Trainer:
         self.tokens += dist.sum_int(tokens, self.device)
         return total / accum, tokens
 
-    def set_lr_progress(self) -> None:
+    def set_budget_progress(self) -> None:
         """Schedules that follow the budget (time-based LR, a masking schedule) get the current progress
         before each step."""
         if self.scheduler is not None and hasattr(self.scheduler, "set_progress"):
@@ -398,7 +398,7 @@ class Trainer:
         stop_reason = "budget"
         try:
             while not self.done():
-                self.set_lr_progress()
+                self.set_budget_progress()
                 loss, tokens = self.train_step()
                 window_loss.append(loss)
                 window_tokens += tokens

@@ -66,14 +66,12 @@ class PretrainBatches:
 
         self.loader = ShardLoader(dataset, batch_size, seed, rank=rank, world_size=world)
         self.dataset, self.collator, self.seed = dataset, collator, seed
-        self.start_rate: float | None = None
+        self.start_rate = collator.cfg.mlm_probability  # a masking schedule starts here
         self.rank, self.world = rank, world
 
     def set_progress(self, progress: float) -> None:
         """A masking schedule (masking.mlm_probability_final): the rate for the budget share spent."""
         cfg = self.collator.cfg
-        if self.start_rate is None:
-            self.start_rate = cfg.mlm_probability
         if cfg.mlm_probability_final is not None:
             rate = self.start_rate + (cfg.mlm_probability_final - self.start_rate) * progress
             self.collator.cfg = replace(cfg, mlm_probability=round(rate, 6))
