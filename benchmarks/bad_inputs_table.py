@@ -333,6 +333,22 @@ def shards_short_file(fx, tmp):
     return ["evaluate", "--task", "mlm", "--model", fx.mlm, "--data", d], [val["file"], "bytes"]
 
 
+@case("inspect", "--data shards whose validation file is shorter than the manifest says")
+def shards_short_file_inspect(fx, tmp):
+    d, man = copy_shards(fx, tmp)
+    val = next(s for s in man["shards"] if s["split"] == "val")
+    f = d / val["file"]
+    f.write_bytes(f.read_bytes()[:-8])
+    return ["inspect", fx.mlm, "--data", d], [val["file"], "bytes"]
+
+
+@case("pretrain", "--data whose manifest.json is a JSON list, not a prepare manifest")
+def shards_manifest_not_mapping(fx, tmp):
+    d, _ = copy_shards(fx, tmp)
+    (d / "manifest.json").write_text("[1, 2]")
+    return ["pretrain", "--data", d, "--output", tmp / "run"], ["manifest.json", "bertforge prepare"]
+
+
 @case("pretrain", "shards made with another tokenizer (data.tokenizer=other)")
 def shards_wrong_tokenizer(fx, tmp):
     from bertforge.wordpiece import train_wordpiece

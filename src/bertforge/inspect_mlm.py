@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bertforge.data.dataset import read_manifest
+from bertforge.data.dataset import open_shard, read_manifest
 from bertforge.data.masking import IGNORE_INDEX, MaskingConfig, MLMCollator
 from bertforge.errors import BertforgeError
 
@@ -259,7 +259,7 @@ def validation_row(data_dir: str | os.PathLike, index: int, tokenizer: Any) -> t
     if not (d / "manifest.json").is_file():
         raise BertforgeError(f"'{data_dir}' is not a prepared data folder (no manifest.json): pass the --output "
                              "folder of `bertforge prepare`, or use --text")
-    manifest = read_manifest(d / "manifest.json")
+    manifest = read_manifest(d / "manifest.json", keys=("seq_len", "dtype", "shards"))
     fingerprint = (manifest.get("tokenizer") or {}).get("fingerprint") or manifest.get("tokenizer_fingerprint")
     if fingerprint and fingerprint != tokenizer.fingerprint():
         raise BertforgeError(f"'{data_dir}' was prepared with another tokenizer than the model's: pass the data "
@@ -273,7 +273,7 @@ def validation_row(data_dir: str | os.PathLike, index: int, tokenizer: Any) -> t
         if index < shard["rows"]:
             break
         index -= shard["rows"]
-    rows = np.memmap(d / shard["file"], dtype=manifest["dtype"], mode="r", shape=(shard["rows"], manifest["seq_len"]))
+    rows = open_shard(d, shard["file"], shard["rows"], manifest["seq_len"], manifest["dtype"])
     ids = np.asarray(rows[index], dtype=np.int64)
     if manifest.get("mode") != "nsp":
         return ids, None
