@@ -579,6 +579,126 @@ def report_no_metrics(fx, tmp):
     return ["report", run, "--out", tmp / "rep", "--no-plots"], [str(run)]
 
 
+# --- more of each kind ---------------------------------------------------------
+
+
+@case("prepare", "--tokenizer folder that does not exist")
+def prepare_missing_tokenizer(fx, tmp):
+    return ["prepare", fx.corpus, "--tokenizer", tmp / "notok", "--output", tmp / "s"], [str(tmp / "notok")]
+
+
+@case("prepare", "a binary corpus file")
+def prepare_binary_corpus(fx, tmp):
+    bad = write(tmp / "corpus.txt", bytes(range(256)) * 8)
+    return ["prepare", bad, "--tokenizer", fx.tokenizer, "--output", tmp / "s", "--num-workers", "0",
+            "--no-progress"], [str(bad)]
+
+
+@case("pretrain", "--data that is a file, not a prepare folder")
+def shards_data_is_file(fx, tmp):
+    return ["pretrain", "--data", fx.corpus, "--output", tmp / "run", "--max-steps", "2"], [str(fx.corpus)]
+
+
+@case("similarity", "model folder whose tokenizer files were deleted")
+def model_no_tokenizer(fx, tmp):
+    m = copy_model(fx.mlm, tmp)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (m / name).unlink(missing_ok=True)
+    return ["similarity", m, "a cat", "a dog"], [str(m), "tokenizer"]
+
+
+@case("fill-mask", "model folder with a corrupt tokenizer.json")
+def model_corrupt_tokenizer(fx, tmp):
+    m = copy_model(fx.mlm, tmp)
+    write(m / "tokenizer.json", '{"model": {"vocab": ')
+    return ["fill-mask", m, "the [MASK] ."], ["tokenizer.json"]
+
+
+@case("info", "config.json naming an unknown architecture")
+def model_unknown_architecture(fx, tmp):
+    m = copy_model(fx.mlm, tmp)
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["architectures"] = ["BertForTranslation"]
+    (m / "config.json").write_text(json.dumps(cfg))
+    return ["info", m], [str(m), "BertForTranslation"]
+
+
+@case("finetune", "--model folder that does not exist")
+def finetune_missing_model(fx, tmp):
+    return ["finetune", "--task", "sst2", "--model", tmp / "nope", "--output", tmp / "run",
+            f"data.train_file={fx.sst2_tsv}", f"data.dev_files={fx.sst2_tsv}"], [str(tmp / "nope")]
+
+
+@case("finetune", "sst2 file with a label outside the task's labels")
+def task_unseen_label(fx, tmp):
+    bad = write(tmp / "train.tsv", "sentence\tlabel\nnice\t1\nbad\tpositive\n")
+    return finetune_on(fx, tmp, bad), [f"{bad}:3", "positive"]
+
+
+@case("sts-eval", "--data file that does not exist")
+def sts_missing_data(fx, tmp):
+    return ["sts-eval", "--model", fx.mlm, "--data", tmp / "sts.tsv"], [str(tmp / "sts.tsv")]
+
+
+@case("sentence-train", "--loss cosent on an NLI file (needs scored pairs)")
+def sentence_loss_mismatch(fx, tmp):
+    nli = write(tmp / "nli.tsv", "sentence1\tsentence2\tgold_label\na cat .\ta pet .\tentailment\n")
+    return ["sentence-train", "--model", fx.mlm, "--train", nli, "--loss", "cosent", "--output", tmp / "run",
+            "--no-progress", "--max-steps", "1"], [str(nli)]
+
+
+@case("distill", "--mlm with --data that is not a prepare folder")
+def distill_mlm_raw_text(fx, tmp):
+    return ["distill", "--mlm", "--teacher", fx.mlm, "--data", fx.corpus, "--output", tmp / "run", "--no-progress",
+            "--max-steps", "1"], [str(fx.corpus)]
+
+
+@case("embed", "--output with an unknown extension (.parquet)")
+def embed_bad_output(fx, tmp):
+    texts = write(tmp / "texts.txt", "the cat .\nthe dog .\n")
+    return ["embed", fx.mlm, "--input", texts, "--output", tmp / "e.parquet"], ["e.parquet"]
+
+
+@case("evaluate", "--task mlm on an empty text file")
+def mlm_empty_text(fx, tmp):
+    empty = write(tmp / "held.txt", "")
+    return ["evaluate", "--task", "mlm", "--model", fx.mlm, "--data", empty], [str(empty), "no documents"]
+
+
+@case("inspect", "--index past the validation rows")
+def inspect_index(fx, tmp):
+    return ["inspect", fx.mlm, "--data", fx.shards, "--index", "9999"], ["--index 9999"]
+
+
+@case("quickstart", "--vocab-size 10")
+def quickstart_vocab_small(fx, tmp):
+    return ["quickstart", "--out", tmp / "qs", "--vocab-size", "10", "--corpus", fx.corpus], ["10"]
+
+
+@case("plan", "--fsdp 0")
+def plan_fsdp_zero(fx, tmp):
+    return ["plan", "--fsdp", "0"], ["shards"]
+
+
+@case("serve", "NAME=PATH with an empty path (mlm=)")
+def serve_empty_path(fx, tmp):
+    return ["serve", "mlm=", "--port", "0"], ["mlm="]
+
+
+@case("convert", "dest folder that already holds files, without --overwrite")
+def convert_dest_not_empty(fx, tmp):
+    dest = tmp / "out"
+    write(dest / "keep.txt", "x")
+    return ["convert", fx.mlm, dest, "--to", "hf"], [str(dest), "--overwrite"]
+
+
+@case("report", "--out that is an existing file")
+def report_out_is_file(fx, tmp):
+    run = write(tmp / "run" / "metrics.jsonl", '{"step": 1, "loss": 2.0}\n').parent
+    out = write(tmp / "report.md", "x")
+    return ["report", run, "--out", out, "--no-plots"], [str(out)]
+
+
 # ----------------------------------------------------------------------------- running
 
 
