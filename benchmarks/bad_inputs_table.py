@@ -544,7 +544,7 @@ def serve_max_texts(fx, tmp):
 
 @case("plan", "--batch 0")
 def plan_batch_zero(fx, tmp):
-    return ["plan", "--batch", "0"], ["batch"]
+    return ["plan", "--batch", "0"], ["--batch 0"]
 
 
 @case("plan", "unknown --preset")
@@ -677,7 +677,7 @@ def quickstart_vocab_small(fx, tmp):
 
 @case("plan", "--fsdp 0")
 def plan_fsdp_zero(fx, tmp):
-    return ["plan", "--fsdp", "0"], ["shards"]
+    return ["plan", "--fsdp", "0"], ["--fsdp 0"]
 
 
 @case("serve", "NAME=PATH with an empty path (mlm=)")

@@ -172,6 +172,8 @@ def run_plan(args: argparse.Namespace) -> int:
     from bertforge.model.bert import BertConfig
 
     cfg = BertConfig.from_preset(args.preset, gradient_checkpointing=args.gradient_checkpointing)
+    for flag, value, least in (("--batch", args.batch, 1), ("--seq", args.seq, 2), ("--fsdp", args.fsdp, 1)):
+        require(value >= least, f"{flag} {value} is out of range: pass {least} or more")
     require(0 < args.mlm_probability < 1, f"--mlm-probability {args.mlm_probability} is out of range: pass a "
             "value in (0, 1), e.g. 0.15")
     require(all(gb > 0 for gb in args.device_gb), f"--device-gb {' '.join(f'{g:g}' for g in args.device_gb)}: "
