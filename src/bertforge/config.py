@@ -155,10 +155,18 @@ def read_config_file(path: str | Path) -> dict:
     except BertforgeError:
         raise
     except Exception as e:  # parser errors carry line numbers; keep them on one line
-        raise BertforgeError(f"config file '{path}' does not parse: {str(e).splitlines()[0]}") from None
+        raise BertforgeError(f"config file '{path}' does not parse: {_parse_problem(e)}: fix that line") from None
     if not isinstance(data, dict):
         raise BertforgeError(f"config file '{path}' must hold a mapping of sections, not {type(data).__name__}")
     return data
+
+
+def _parse_problem(e: Exception) -> str:
+    """A parser error on one line; YAML's first line lacks the position, its `problem_mark` has it."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None:
+        return f"{getattr(e, 'problem', None) or 'syntax error'} at line {mark.line + 1}, column {mark.column + 1}"
+    return str(e).splitlines()[0]
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

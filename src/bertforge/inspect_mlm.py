@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bertforge.data.dataset import open_shard, read_manifest
 from bertforge.data.masking import IGNORE_INDEX, MaskingConfig, MLMCollator
 from bertforge.errors import BertforgeError
 
@@ -259,7 +259,7 @@ def validation_row(data_dir: str | os.PathLike, index: int, tokenizer: Any) -> t
     if not (d / "manifest.json").is_file():
         raise BertforgeError(f"'{data_dir}' is not a prepared data folder (no manifest.json): pass the --output "
                              "folder of `bertforge prepare`, or use --text")
-    manifest = json.loads((d / "manifest.json").read_text(encoding="utf-8"))
+    manifest = read_manifest(d / "manifest.json", keys=("seq_len", "dtype", "shards"))
     fingerprint = (manifest.get("tokenizer") or {}).get("fingerprint") or manifest.get("tokenizer_fingerprint")
     if fingerprint and fingerprint != tokenizer.fingerprint():
         raise BertforgeError(f"'{data_dir}' was prepared with another tokenizer than the model's: pass the data "
@@ -273,7 +273,7 @@ def validation_row(data_dir: str | os.PathLike, index: int, tokenizer: Any) -> t
         if index < shard["rows"]:
             break
         index -= shard["rows"]
-    rows = np.memmap(d / shard["file"], dtype=manifest["dtype"], mode="r", shape=(shard["rows"], manifest["seq_len"]))
+    rows = open_shard(d, shard["file"], shard["rows"], manifest["seq_len"], manifest["dtype"])
     ids = np.asarray(rows[index], dtype=np.int64)
     if manifest.get("mode") != "nsp":
         return ids, None
@@ -310,6 +310,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     if (model_dir / "metrics.jsonl").is_file() and (model_dir / "model" / "config.json").is_file():
         model_dir = model_dir / "model"  # a run directory: its final model
         print(f"using the final model of the run: {model_dir}", file=sys.stderr)
+    if not 0 < args.mask_rate < 1:
+        raise BertforgeError(f"--mask-rate {args.mask_rate} is out of range: pass a value in (0, 1), e.g. 0.15")
     loaded = load_model(model_dir)
     if loaded.head not in MLM_HEADS:
         raise BertforgeError(f"model '{args.model}' has a '{loaded.head}' head, not a masked-LM head: pass a "

@@ -35,7 +35,7 @@ import argparse
 import json
 from dataclasses import asdict, dataclass
 
-from bertforge.errors import BertforgeError
+from bertforge.errors import BertforgeError, require
 
 GIB = 2**30
 DEVICES_GB = (16.0, 24.0, 40.0, 80.0, 141.0)
@@ -177,6 +177,12 @@ def run_plan(args: argparse.Namespace) -> int:
     from bertforge.model.bert import BertConfig
 
     cfg = BertConfig.from_preset(args.preset, gradient_checkpointing=args.gradient_checkpointing)
+    for flag, value, least in (("--batch", args.batch, 1), ("--seq", args.seq, 2), ("--fsdp", args.fsdp, 1)):
+        require(value >= least, f"{flag} {value} is out of range: pass {least} or more")
+    require(0 < args.mlm_probability < 1, f"--mlm-probability {args.mlm_probability} is out of range: pass a "
+            "value in (0, 1), e.g. 0.15")
+    require(all(gb > 0 for gb in args.device_gb), f"--device-gb {' '.join(f'{g:g}' for g in args.device_gb)}: "
+            "pass positive device sizes in GB, e.g. --device-gb 24 80")
     plan = estimate(cfg, args.batch, args.seq, precision=args.precision, offload=args.offload,
                     gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
                     mlm_probability=args.mlm_probability, device=args.device, shards=args.fsdp)

@@ -32,6 +32,28 @@ from bertforge.errors import BertforgeError, require
 MANIFEST = "manifest.json"
 
 
+def read_manifest(path: Path, keys: tuple[str, ...] = ("seq_len", "mode", "dtype", "tokenizer", "shards")) -> dict:
+    """The parsed manifest.json of a prepare output; unreadable ones, or ones without `keys`, are one-line errors."""
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BertforgeError(f"'{path}' is not valid JSON ({e}): prepare the data again (--overwrite)") from None
+    require(isinstance(m, dict) and all(k in m for k in keys),
+            f"'{path}' lacks {', '.join(keys)}: it is not a `bertforge prepare` manifest; prepare the data again")
+    return m
+
+
+def open_shard(directory: Path, name: str, rows: int, width: int, dtype: np.dtype) -> np.memmap:
+    """The (rows, width) memmap of shard `name` in `directory`, checked to lie there and to have its size."""
+    file = directory / name
+    require(Path(name).name == name, f"'{directory / MANIFEST}' names shard '{name}' outside its folder: "
+                                     "prepare the data again (--overwrite)")
+    size = rows * width * np.dtype(dtype).itemsize
+    if not file.is_file() or file.stat().st_size != size:
+        raise BertforgeError(f"shard '{file}' is missing or not {size} bytes: prepare the data again (--overwrite)")
+    return np.memmap(file, dtype=dtype, mode="r", shape=(rows, width))
+
+
 class PackedDataset:
     """The rows of one split of a `bertforge prepare` output, memory-mapped read-only."""
 
@@ -39,8 +61,7 @@ class PackedDataset:
         self.directory = Path(directory)
         path = self.directory / MANIFEST
         require(path.is_file(), f"no {MANIFEST} in '{self.directory}': run `bertforge prepare` with --output there")
-        self.manifest = json.loads(path.read_text(encoding="utf-8"))
-        m = self.manifest
+        self.manifest = m = read_manifest(path)
         require(m.get("complete", False), f"shards in '{self.directory}' are unfinished: re-run the same "
                                           "`bertforge prepare` command to resume it")
         if fingerprint is not None and m["tokenizer"]["fingerprint"] != fingerprint:
@@ -58,12 +79,7 @@ class PackedDataset:
         self._starts = np.cumsum([0] + [s["rows"] for s in shards])  # (S+1,)
 
     def _open(self, name: str, rows: int, width: int, dtype: np.dtype) -> np.memmap:
-        file = self.directory / name
-        size = rows * width * dtype.itemsize
-        if not file.is_file() or file.stat().st_size != size:
-            raise BertforgeError(f"shard '{file}' is missing or not {size} bytes: prepare the data again "
-                                 "(--overwrite)")
-        return np.memmap(file, dtype=dtype, mode="r", shape=(rows, width))
+        return open_shard(self.directory, name, rows, width, dtype)
 
     def __len__(self) -> int:
         return int(self._starts[-1])

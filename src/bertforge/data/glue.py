@@ -172,6 +172,14 @@ def _convert_label(value: str, spec: TaskSpec, where: str) -> int | float | None
 
 def _tsv_rows(path: Path, spec: TaskSpec, labeled: bool) -> Iterator[tuple[str, dict[str, str]]]:
     """Yield (file:line, {column: value}) for each data row, header detected or positional."""
+    try:
+        yield from _tsv_rows_text(path, spec, labeled)
+    except UnicodeDecodeError as e:  # a binary or non-UTF-8 file: name it (the CLI's fallback cannot)
+        raise BertforgeError(f"task file '{path}' is not UTF-8 text ({e.reason} at byte {e.start}): pass a "
+                             f"{spec.name} TSV saved as UTF-8") from None
+
+
+def _tsv_rows_text(path: Path, spec: TaskSpec, labeled: bool) -> Iterator[tuple[str, dict[str, str]]]:
     with open_text(path) as handle:
         reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
         first = next(reader, None)

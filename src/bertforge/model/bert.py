@@ -20,6 +20,7 @@ Shapes: B batch, T sequence length, H hidden size, nh heads, hs head size (H // 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -79,6 +80,11 @@ class BertConfig:
             if not ok:
                 raise BertforgeError(f"invalid model config: {msg}")
 
+        for f in fields(self):  # a string or list from JSON/YAML would fail below as a bare TypeError
+            value = getattr(self, f.name)
+            if str(f.type).startswith(("int", "float")) and not (value is None and "None" in str(f.type)):
+                check(isinstance(value, numbers.Real) and not isinstance(value, bool),
+                      f"{f.name} must be a number, got {value!r}: fix it in config.json / the model section")
         check(self.num_attention_heads > 0, f"num_attention_heads must be positive, got {self.num_attention_heads}")
         check(self.hidden_size % self.num_attention_heads == 0,
               f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "

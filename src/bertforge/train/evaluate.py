@@ -144,6 +144,8 @@ def evaluate_mlm_data(model_dir: str | Path, data: list[str], *, split: str = "v
     from bertforge.model.loading import load_model
     from bertforge.train.loop import resolve_device
 
+    require(0 < mask_rate < 1, f"--mask-rate {mask_rate} is out of range: pass a value in (0, 1), e.g. 0.15")
+    require(max_rows is None or max_rows >= 1, f"--max-rows {max_rows}: pass 1 or more, or leave it out for all rows")
     loaded = load_model(model_dir)
     require(loaded.head in ("masked_lm", "pretraining"),
             f"model '{model_dir}' has head {loaded.head!r}: MLM evaluation needs a masked-LM head (a pretrained "

@@ -106,6 +106,7 @@ def validate(cfg: FinetuneRunConfig) -> None:
     require(bool(cfg.data.path or cfg.data.train_file), "no data: pass --data (a folder or hub:<name>) or "
             "data.train_file=FILE")
     require(cfg.epochs > 0 and cfg.seeds >= 1, f"epochs={cfg.epochs}, seeds={cfg.seeds}: need epochs > 0, seeds >= 1")
+    require(cfg.train.batch_size >= 1, f"train.batch_size={cfg.train.batch_size}: pass --batch-size 1 or more")
     require(cfg.select in ("best", "last"), f"select={cfg.select!r}: use best or last")
     require(cfg.protocol is None or cfg.protocol in PROTOCOLS,
             f"protocol {cfg.protocol!r} is unknown: use one of {', '.join(PROTOCOLS)}")

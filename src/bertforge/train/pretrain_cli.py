@@ -72,6 +72,9 @@ def run_sanity(args: argparse.Namespace) -> int:
     from bertforge.wordpiece import WordPieceTokenizer
 
     cfg = resolve_config(args)
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise BertforgeError(f"{flag} {value} is out of range: pass 1 or more")
     if not cfg.data.path:
         raise BertforgeError("sanity needs data: pass --data DIR (a `bertforge prepare` output)")
     rows = PackedDataset(cfg.data.path, "train")
