@@ -44,6 +44,7 @@ def build_fixtures(root: Path) -> Fixtures:
     """Write the shared good inputs under `root` (a few seconds)."""
     import torch
 
+    from bertforge.data.corpus import CorpusLines
     from bertforge.data.shards import PrepareConfig, prepare
     from bertforge.model.bert import BertConfig, pad_vocab_size
     from bertforge.model.heads import BertForMaskedLM, BertForSequenceClassification
@@ -54,7 +55,7 @@ def build_fixtures(root: Path) -> Fixtures:
     corpus = root / "corpus.txt"
     docs = [" ".join(WORDS[i % 8:] + WORDS[:i % 8]) for i in range(40)]
     corpus.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
-    tok = train_wordpiece([corpus], vocab_size=120, show_progress=False)
+    tok = train_wordpiece(CorpusLines(corpus), vocab_size=120, show_progress=False)
     tok.save(root / "tok")
     prepare(PrepareConfig(sources=[str(corpus)], output=str(root / "shards"), tokenizer=str(root / "tok"),
                           seq_len=32, val_fraction=0.1, num_workers=0, show_progress=False))
@@ -351,10 +352,11 @@ def shards_manifest_not_mapping(fx, tmp):
 
 @case("pretrain", "shards made with another tokenizer (data.tokenizer=other)")
 def shards_wrong_tokenizer(fx, tmp):
+    from bertforge.data.corpus import CorpusLines
     from bertforge.wordpiece import train_wordpiece
 
     other = write(tmp / "other.txt", "zebra quokka yak " * 50)
-    train_wordpiece([other], vocab_size=60, show_progress=False).save(tmp / "othertok")
+    train_wordpiece(CorpusLines(other), vocab_size=60, show_progress=False).save(tmp / "othertok")
     return ["pretrain", "--data", fx.shards, "--output", tmp / "run", f"data.tokenizer={tmp / 'othertok'}",
             "model.preset=tiny", "model.max_position_embeddings=64"], ["tokenizer", str(fx.shards)]
 

@@ -2,7 +2,7 @@
 
 For each preset (default: the budget shapes budget-mini and budget-small, pre-LN, no biases, GeGLU;
 `base` adds the BERT architecture) one encoder (`BertModel`, head "base") is built with random weights
-(every parameter perturbed), exported with `bertforge.model.export.export_onnx` (the graph
+(every parameter perturbed), exported with `bertforge.model.onnx_export.export_onnx` (the graph
 `bertforge convert --to onnx` writes) and loaded in an onnxruntime CPU session (all graph
 optimisations, `intra_op_num_threads = --threads`). Both run the same batches of sequence length 128:
 
@@ -33,7 +33,7 @@ import onnxruntime as ort
 import torch
 
 from bertforge.model.bert import BertConfig, BertModel
-from bertforge.model.export import ONNX_NAME, export_onnx
+from bertforge.model.onnx_export import ONNX_NAME, export_onnx
 
 SEQ = 128
 MIN_SECONDS = 0.5  # each timed measurement repeats its batches until it lasts about this long

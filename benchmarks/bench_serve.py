@@ -152,7 +152,7 @@ def direct(texts: list[str], threads: int, repeats: int) -> dict:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from bertforge.inference import load_encoder
+    from bertforge.model.folders import load_encoder
 
     torch.set_num_threads(threads)
     path = model_path()

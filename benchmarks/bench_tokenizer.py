@@ -26,6 +26,7 @@ from pathlib import Path
 from tokenizers.implementations import BertWordPieceTokenizer
 from transformers import BertTokenizerFast
 
+from bertforge.data.corpus import CorpusLines
 from bertforge.wordpiece import SPECIAL_TOKENS, WordPieceTokenizer, train_wordpiece
 
 DEFAULT_SOURCE = (
@@ -55,7 +56,7 @@ def timed(fn):
 def bench_train(path: Path, args) -> tuple[WordPieceTokenizer, float, float, float]:
     ours, t_ours = timed(
         lambda: train_wordpiece(
-            path, vocab_size=args.vocab_size, min_frequency=2, limit_alphabet=1000, show_progress=False
+            CorpusLines(path), vocab_size=args.vocab_size, min_frequency=2, limit_alphabet=1000, show_progress=False
         )
     )
     hf = BertWordPieceTokenizer(

@@ -26,6 +26,7 @@ def shared_data() -> Path:
 def prepared(tmp_path_factory, shared_data) -> Path:
     """A 1,000-token WordPiece trained on 400k characters of WikiText-2 and 64-token packed shards of it
     (train + val), shared by the pretraining, DDP and FSDP tests."""
+    from bertforge.data.corpus import CorpusLines
     from bertforge.data.shards import PrepareConfig, prepare
     from bertforge.wordpiece import train_wordpiece
 
@@ -33,7 +34,7 @@ def prepared(tmp_path_factory, shared_data) -> Path:
     text = (shared_data / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8")[:400_000]
     corpus = root / "corpus.txt"
     corpus.write_text(text, encoding="utf-8")
-    tok = train_wordpiece([corpus], vocab_size=1000, show_progress=False)
+    tok = train_wordpiece(CorpusLines([corpus]), vocab_size=1000, show_progress=False)
     tok.save(root / "tok")
     prepare(PrepareConfig(sources=[str(corpus)], output=str(root / "data"), tokenizer=str(root / "tok"),
                           seq_len=64, val_fraction=0.05, num_workers=0, boundary="heading", show_progress=False))

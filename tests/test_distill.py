@@ -135,11 +135,12 @@ def sst2_tokenizer_corpus(folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def sst2_tokenizer(shared_data, tmp_path_factory):
+    from bertforge.data.corpus import CorpusLines
     from bertforge.wordpiece import train_wordpiece
 
     lines = (shared_data / "sst2" / "train.tsv").read_text(encoding="utf-8").splitlines()[1:2001]
     SST2_LINES[:] = [line.split("\t")[0] for line in lines]
-    return train_wordpiece(sst2_tokenizer_corpus(tmp_path_factory.mktemp("corpus")), vocab_size=800,
+    return train_wordpiece(CorpusLines(sst2_tokenizer_corpus(tmp_path_factory.mktemp("corpus"))), vocab_size=800,
                            min_frequency=1, show_progress=False)
 
 

@@ -37,11 +37,12 @@ PASSAGE = ("The baker carried fresh bread across the old stone bridge to the mar
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
+    from bertforge.data.corpus import CorpusLines
     from bertforge.wordpiece import train_wordpiece
 
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
-    return train_wordpiece(path, vocab_size=300, min_frequency=1, show_progress=False)
+    return train_wordpiece(CorpusLines(path), vocab_size=300, min_frequency=1, show_progress=False)
 
 
 def tiny_mlm(tokenizer, seed: int = 0) -> BertForMaskedLM:

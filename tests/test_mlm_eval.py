@@ -36,6 +36,7 @@ def synthetic_corpus(path: Path, documents: int, seed: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     """A WordPiece, 32-token shards and a random tiny BertForMaskedLM saved with its tokenizer."""
+    from bertforge.data.corpus import CorpusLines
     from bertforge.data.shards import PrepareConfig, prepare
     from bertforge.model.bert import BertConfig, pad_vocab_size
     from bertforge.model.heads import BertForMaskedLM
@@ -45,7 +46,7 @@ def tiny_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlm_eval")
     corpus = synthetic_corpus(root / "corpus.txt", 300)
     held_out = synthetic_corpus(root / "held_out.txt", 20, seed=1)
-    tok = train_wordpiece([corpus], vocab_size=200, show_progress=False)
+    tok = train_wordpiece(CorpusLines([corpus]), vocab_size=200, show_progress=False)
     tok.save(root / "tok")
     prepare(PrepareConfig(sources=[str(corpus)], output=str(root / "data"), tokenizer=str(root / "tok"), seq_len=32,
                           val_fraction=0.1, num_workers=0, show_progress=False))

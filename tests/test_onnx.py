@@ -15,7 +15,7 @@ import torch
 
 from bertforge.cli import main
 from bertforge.errors import BertforgeError
-from bertforge.model import export
+from bertforge.model import export, onnx_export
 from bertforge.model.bert import BertConfig
 from bertforge.model.heads import build_model
 from bertforge.model.loading import save_model
@@ -81,10 +81,10 @@ if "position_embedding_type" in {f.name for f in fields(BertConfig)}:  # rotary 
 @pytest.mark.parametrize("head,num_labels,arch", CASES, ids=[f"{h}-{a}" for h, _, a in CASES])
 def test_onnx_equals_ours(head, num_labels, arch, tmp_path):
     model = randomized(head, num_labels, tiny(**ARCHS[arch]))
-    info = export.export_onnx(model, head, tmp_path)
-    assert info["outputs"] == list(export.ONNX_OUTPUTS[head])
-    sess = session(tmp_path / export.ONNX_NAME)
-    assert [i.name for i in sess.get_inputs()] == list(export.ONNX_INPUTS)
+    info = onnx_export.export_onnx(model, head, tmp_path)
+    assert info["outputs"] == list(onnx_export.ONNX_OUTPUTS[head])
+    sess = session(tmp_path / onnx_export.ONNX_NAME)
+    assert [i.name for i in sess.get_inputs()] == list(onnx_export.ONNX_INPUTS)
     assert [o.name for o in sess.get_outputs()] == info["outputs"]
     for B, T in ((1, 5), (3, 13), (2, 32)):
         x = inputs(head, B, T)
@@ -111,7 +111,7 @@ def test_convert_to_onnx_sentence_model(tmp_path, capsys):
     encs = tok.encode_batch(TEXTS)
     T = max(len(e.input_ids) for e in encs)
     feed = {name: np.array([getattr(e, name) + [0] * (T - len(e.input_ids)) for e in encs], dtype=np.int64)
-            for name in export.ONNX_INPUTS}
+            for name in onnx_export.ONNX_INPUTS}
     token_emb, sentence_emb = session(tmp_path / "onnx" / "model.onnx").run(None, feed)
     assert np.abs(sentence_emb - encoder.encode(TEXTS, tok).numpy()).max() <= TOL
     assert token_emb.shape == (len(TEXTS), T, 32)
@@ -119,10 +119,10 @@ def test_convert_to_onnx_sentence_model(tmp_path, capsys):
 
 
 def test_onnx_needs_its_packages(tmp_path, monkeypatch):
-    real = export.importlib.util.find_spec
-    monkeypatch.setattr(export.importlib.util, "find_spec", lambda n: None if n == "onnxscript" else real(n))
+    real = onnx_export.importlib.util.find_spec
+    monkeypatch.setattr(onnx_export.importlib.util, "find_spec", lambda n: None if n == "onnxscript" else real(n))
     with pytest.raises(BertforgeError, match=r"bertforge\[onnx\]"):
-        export.export_onnx(build_model("base", tiny()), "base", tmp_path)
+        onnx_export.export_onnx(build_model("base", tiny()), "base", tmp_path)
 
 
 def test_convert_to_onnx_of_a_classifier_keeps_labels(tmp_path):

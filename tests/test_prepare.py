@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import bertforge.data.shard_output as shard_output
-from bertforge.data.corpus import iter_documents
+from bertforge.data.corpus import CorpusLines, iter_documents
 from bertforge.data.dataset import PackedDataset, ShardLoader
 from bertforge.data.prepare_cli import add_prepare_arguments, run_prepare
 from bertforge.data.shards import PrepareConfig, is_val_document, prepare
@@ -189,7 +189,7 @@ def test_bad_inputs_raise_one_line_errors(corpus, minilm, tmp_path):
 def test_tokenizer_or_settings_mismatch_with_existing_shards(corpus, minilm, tmp_path):
     small = corpus[:1]
     prepare(make_cfg(small, minilm, tmp_path / "out"))
-    other = train_wordpiece(small, vocab_size=600, show_progress=False)
+    other = train_wordpiece(CorpusLines(small), vocab_size=600, show_progress=False)
     other.save(tmp_path / "tok")
     with pytest.raises(BertforgeError, match="another tokenizer.*--output or --overwrite"):
         prepare(make_cfg(small, str(tmp_path / "tok"), tmp_path / "out"))

@@ -12,7 +12,8 @@ import sys
 import pytest
 
 from bertforge.errors import BertforgeError
-from bertforge.report import add_report_arguments, build_report, finetune_rows, load_run, run_report
+from bertforge.report import add_report_arguments, build_report, finetune_rows, run_report
+from bertforge.report_runs import drop_superseded, load_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BUDGET_MINI = {"head": "masked_lm", "vocab_size": 30528, "hidden_size": 256, "num_hidden_layers": 4,
@@ -111,7 +112,7 @@ def test_resumed_lines_replace_the_killed_segment(two_runs):
 
 
 def test_resume_detected_when_the_first_resumed_step_equals_the_last_killed_one():
-    from bertforge.report import drop_superseded
+
 
     killed = [train_line(10, 9.0, 1e-3, 1.0), eval_line(10, 8.0, 0.1), train_line(20, 8.0, 1e-3, 1.0)]
     resumed = [train_line(20, 7.0, 1e-3, 1.0), eval_line(20, 6.0, 0.3)]  # resumed from the step-10 checkpoint

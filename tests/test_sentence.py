@@ -135,6 +135,7 @@ def test_calibrate_threshold_picks_the_best_cut():
 @pytest.fixture(scope="module")
 def tiny_model_dir(shared_data, tmp_path_factory):
     """A tiny BERT (ours) with a WordPiece trained on SNLI dev sentences."""
+    from bertforge.data.corpus import CorpusLines
     from bertforge.model.bert import BertConfig, BertModel, pad_vocab_size
     from bertforge.model.loading import save_model
     from bertforge.wordpiece import train_wordpiece
@@ -143,7 +144,7 @@ def tiny_model_dir(shared_data, tmp_path_factory):
     rows = (shared_data / "snli" / "dev_full.tsv").read_text(encoding="utf-8").splitlines()[1:3001]
     corpus = root / "snli.txt"
     corpus.write_text("\n".join(t for r in rows for t in r.split("\t")[:2]) + "\n", encoding="utf-8")
-    tok = train_wordpiece(corpus, vocab_size=1000, min_frequency=1, show_progress=False)
+    tok = train_wordpiece(CorpusLines(corpus), vocab_size=1000, min_frequency=1, show_progress=False)
     torch.manual_seed(0)
     config = BertConfig.from_preset("tiny", vocab_size=pad_vocab_size(tok.vocab_size), max_position_embeddings=64)
     save_model(BertModel(config), root / "model", tokenizer=tok)
@@ -198,7 +199,7 @@ def test_cosent_run_reports_sts_and_threshold(trained_dir):
 def test_sentence_transformers_export_loads_with_identical_embeddings(trained_dir, shared_data):
     from sentence_transformers import SentenceTransformer
 
-    from bertforge.inference import load_encoder
+    from bertforge.model.folders import load_encoder
 
     run, metrics = trained_dir
     texts = ["A man is playing a guitar.", "Two dogs run through the snow.", "A woman slices an onion."]
@@ -245,7 +246,7 @@ def test_losses_equal_sentence_transformers_on_minilm(shared_data, minilm):
     except ImportError:
         from sentence_transformers import losses
 
-    from bertforge.inference import load_encoder
+    from bertforge.model.folders import load_encoder
     from bertforge.train.sentence import PairBatches, tokenize_texts, training_examples
 
     path, st = minilm

@@ -26,6 +26,7 @@ LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 
 
 def tiny_models(root: Path) -> dict[str, Path]:
+    from bertforge.data.corpus import CorpusLines
     from bertforge.model.bert import BertConfig, BertModel, pad_vocab_size
     from bertforge.model.heads import build_model
     from bertforge.model.loading import save_model
@@ -34,7 +35,7 @@ def tiny_models(root: Path) -> dict[str, Path]:
 
     corpus = root / "corpus.txt"
     corpus.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
-    tok = train_wordpiece(corpus, vocab_size=300, min_frequency=1, show_progress=False)
+    tok = train_wordpiece(CorpusLines(corpus), vocab_size=300, min_frequency=1, show_progress=False)
     config = BertConfig.from_preset("tiny", vocab_size=pad_vocab_size(tok.vocab_size), max_position_embeddings=64)
     paths = {}
     for name, head, labels in (("mlm", "masked_lm", None), ("cls", "sequence_classification", 3),

@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from bertforge import wordpiece
+from bertforge.data.corpus import CorpusLines
 from bertforge.errors import BertforgeError
 from bertforge.wordpiece import SPECIAL_TOKENS, WordPieceTokenizer, train_wordpiece
 
@@ -40,7 +41,7 @@ def squad_pairs(shared_data):
 @pytest.fixture(scope="module")
 def trained(shared_data):
     return train_wordpiece(
-        shared_data / "wikitext-2-raw" / "wiki.valid.raw", vocab_size=4000, show_progress=False
+        CorpusLines(shared_data / "wikitext-2-raw" / "wiki.valid.raw"), vocab_size=4000, show_progress=False
     )
 
 
@@ -124,7 +125,7 @@ def test_trained_vocab_layout_and_compression(trained, stsb_pairs):
 def test_training_is_deterministic(trained, shared_data):
     """The raw `tokenizers` trainer gives a different vocabulary from run to run (tokenizers#1794)."""
     again = train_wordpiece(
-        shared_data / "wikitext-2-raw" / "wiki.valid.raw", vocab_size=4000, show_progress=False
+        CorpusLines(shared_data / "wikitext-2-raw" / "wiki.valid.raw"), vocab_size=4000, show_progress=False
     )
     assert again.fingerprint() == trained.fingerprint()
 
@@ -141,7 +142,7 @@ def test_alphabet_and_continuing_pieces_equal_hf_trainer(shared_data, tmp_path):
     path = tmp_path / "mixed.txt"
     path.write_text("\n".join(lines[:400] + mixed) + "\n", encoding="utf-8")
     for lowercase in (True, False):
-        ours = train_wordpiece(path, vocab_size=3000, lowercase=lowercase, show_progress=False)
+        ours = train_wordpiece(CorpusLines(path), vocab_size=3000, lowercase=lowercase, show_progress=False)
         hf = implementations.BertWordPieceTokenizer(lowercase=lowercase, strip_accents=None)
         hf.train([str(path)], vocab_size=3000, special_tokens=list(SPECIAL_TOKENS), show_progress=False)
 
@@ -151,7 +152,7 @@ def test_alphabet_and_continuing_pieces_equal_hf_trainer(shared_data, tmp_path):
         assert singles(ours.backend.get_vocab()) == singles(hf.get_vocab())
         # ...and the first pass alone already predicts them (no retraining needed)
         settings = wordpiece._Settings(do_lower_case=lowercase)
-        alphabet, continuing = wordpiece._alphabet(path, settings, 1000)
+        alphabet, continuing = wordpiece._alphabet(CorpusLines(path), settings, 1000)
         assert set(alphabet) | set(continuing) == singles(hf.get_vocab())
 
 
@@ -159,7 +160,7 @@ def test_unforeseen_continuing_pieces_trigger_a_retrain(shared_data, tmp_path, m
     lines = (shared_data / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8").splitlines()
     path = tmp_path / "slice.txt"
     path.write_text("\n".join(lines[:300]) + "\n", encoding="utf-8")
-    expected = train_wordpiece(path, vocab_size=1500, show_progress=False)
+    expected = train_wordpiece(CorpusLines(path), vocab_size=1500, show_progress=False)
     real = wordpiece._alphabet
 
     def forgetful(*args):
@@ -167,7 +168,7 @@ def test_unforeseen_continuing_pieces_trigger_a_retrain(shared_data, tmp_path, m
         return alphabet, continuing[::2]
 
     monkeypatch.setattr(wordpiece, "_alphabet", forgetful)
-    assert train_wordpiece(path, vocab_size=1500, show_progress=False).fingerprint() == expected.fingerprint()
+    assert train_wordpiece(CorpusLines(path), vocab_size=1500, show_progress=False).fingerprint() == expected.fingerprint()
 
 
 def test_trained_round_trip_save_load_and_hf(trained, stsb_pairs, tmp_path):
@@ -204,7 +205,7 @@ def test_cased_accented_training_options(shared_data, tmp_path):
     lines = (shared_data / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8").splitlines()
     (tmp_path / "slice.txt").write_text("\n".join(lines[:600]) + "\nCafé Über naïve\n", encoding="utf-8")
     tok = train_wordpiece(
-        tmp_path / "slice.txt", vocab_size=1500, lowercase=False, strip_accents=True, show_progress=False
+        CorpusLines(tmp_path / "slice.txt"), vocab_size=1500, lowercase=False, strip_accents=True, show_progress=False
     )
     assert (tok.do_lower_case, tok.strip_accents) == (False, True)
     assert tok.tokenize("Café")[0].startswith("C") and "é" not in "".join(tok.tokenize("Café"))
@@ -212,7 +213,7 @@ def test_cased_accented_training_options(shared_data, tmp_path):
     hf = BertTokenizerFast.from_pretrained(tmp_path / "cased")
     texts = ["Café Über naïve The Valkyria", "Homarus gammarus LOBSTER"]
     assert_same(tok, hf, texts)
-    lower = train_wordpiece(tmp_path / "slice.txt", vocab_size=1500, show_progress=False)
+    lower = train_wordpiece(CorpusLines(tmp_path / "slice.txt"), vocab_size=1500, show_progress=False)
     assert lower.fingerprint() != tok.fingerprint()
 
 
@@ -264,11 +265,11 @@ def test_bad_training_inputs(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("some text with words\n" * 50 + "üñíçødé ÆØÅ þ ß ğ ł ŵ ƒ\n", encoding="utf-8")
     with pytest.raises(BertforgeError, match="vocab_size=5 is too small"):
-        train_wordpiece(corpus, vocab_size=5, show_progress=False)
+        train_wordpiece(CorpusLines(corpus), vocab_size=5, show_progress=False)
     with pytest.raises(BertforgeError, match="vocab_size=20 is smaller than the corpus alphabet"):
-        train_wordpiece(corpus, vocab_size=20, show_progress=False)
+        train_wordpiece(CorpusLines(corpus), vocab_size=20, show_progress=False)
     (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
     with pytest.raises(BertforgeError, match="empty.txt' has no text"):
-        train_wordpiece(tmp_path / "empty.txt", vocab_size=100, show_progress=False)
+        train_wordpiece(CorpusLines(tmp_path / "empty.txt"), vocab_size=100, show_progress=False)
     with pytest.raises(BertforgeError, match="does not exist"):
-        train_wordpiece(tmp_path / "nope.txt", vocab_size=100, show_progress=False)
+        train_wordpiece(CorpusLines(tmp_path / "nope.txt"), vocab_size=100, show_progress=False)

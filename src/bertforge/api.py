@@ -29,7 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from bertforge.data.squad import SquadExample, best_span, featurize_squad
 from bertforge.errors import BertforgeError
+from bertforge.inference import count_parameters
+from bertforge.inspect_mlm import masked_predictions
+from bertforge.model.folders import load_checked
+from bertforge.model.loading import export_hf, save_model
+from bertforge.model.pooling import TOKENS_PER_BATCH, SentenceEncoder, plan_batches
+from bertforge.train.tasks import TaskSettings
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MLM_HEADS = ("masked_lm", "pretraining")
@@ -78,9 +85,6 @@ class Model:
     """A loaded model with its tokenizer; see the module doc. Thread-compatible, not thread-safe."""
 
     def __init__(self, path: Path, name: str) -> None:
-        from bertforge.inference import load_checked
-        from bertforge.model.pooling import SentenceEncoder
-
         self.name, self.path = name, path
         self.loaded = load_checked(path)
         self.head = self.loaded.head
@@ -121,8 +125,6 @@ class Model:
     @property
     def info(self) -> dict:
         """Name, path, head, dimensions, lengths, labels, pooling, tokenizer size: plain JSON values."""
-        from bertforge.inference import count_parameters
-
         total, _ = count_parameters(self.loaded.model)
         return {"name": self.name, "path": str(self.path), "source": self.loaded.source, "head": self.head,
                 "tasks": self.tasks, "dim": self.dim, "max_length": self.max_length,
@@ -162,28 +164,13 @@ class Model:
     def run_embed(self, ids: list[list[int]]) -> np.ndarray:
         """(N, D) float32 sentence embeddings of prepared id rows, row i for ids[i] (no normalisation beyond
         the model's own)."""
-        from bertforge.model.pooling import TOKENS_PER_BATCH, _pad, _run, plan_batches
-
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        lengths = [len(r) for r in ids]
         threads = torch.get_num_threads()
         # as `bertforge embed` (64 texts, 2048 tokens per forward), but small sets still give every thread
         # a forward of its own (a server batch is often a few hundred tokens)
-        budget = min(TOKENS_PER_BATCH, max(32, -(-int(lengths.sum()) // threads)))
-        batches = plan_batches(lengths, 64, budget)
-        pad_id = self.tokenizer.pad_token_id
-
-        def forward(idx: np.ndarray) -> torch.Tensor:
-            input_ids, mask = _pad([ids[i] for i in idx], lengths[idx], pad_id)
-            with torch.inference_mode():
-                return self.encoder(input_ids, mask)  # (B, H)
-
-        out = np.empty((len(ids), self.dim), dtype=np.float32)
-        try:
-            for idx, emb in _run(forward, batches, min(threads, len(batches))):
-                out[idx] = emb.float().numpy()
-        finally:
-            torch.set_num_threads(threads)
-        return out
+        budget = min(TOKENS_PER_BATCH, max(32, -(-sum(lengths) // threads)))
+        out = self.encoder.encode_ids(ids, self.tokenizer.pad_token_id, batch_size=64, max_tokens=budget)
+        return out.float().numpy()
 
     def encode(self, texts: str | list[str], batch_size: int = 64, normalize: bool | None = None, *,
                dimensions: int | None = None, truncate: bool = True) -> np.ndarray:
@@ -282,9 +269,6 @@ class Model:
 
     def prepare_answer(self, question: str, context: str) -> tuple[Any, list]:
         """The SQuAD example and its sliding windows, with the settings the model was fine-tuned with."""
-        from bertforge.data.squad import SquadExample, featurize_squad
-        from bertforge.train.tasks import TaskSettings
-
         self.require("answer")
         check_texts([question, context])
         saved = {k: v for k, v in (self.loaded.meta.get("settings") or {}).items()
@@ -309,12 +293,10 @@ class Model:
 
     def decode_answer(self, example, features: list, logits: list) -> dict:
         """The best span over all windows, as `evaluate` picks it: {answer, start, end, score}."""
-        from bertforge.data.squad import _best_span
-
         s = self.loaded.meta.get("settings") or {}
         best = None
         for feature, (start, end) in zip(features, logits):
-            span = _best_span(feature, start, end, int(s.get("n_best_size", 20)), int(s.get("max_answer_length", 30)))
+            span = best_span(feature, start, end, int(s.get("n_best_size", 20)), int(s.get("max_answer_length", 30)))
             if span is not None and (best is None or span[0] > best[0]):
                 ctx = np.array([o is not None for o in feature.offset_mapping])
                 prob = np.exp(span[0] - _logsumexp(start[ctx]) - _logsumexp(end[ctx]))  # p(start) * p(end)
@@ -332,8 +314,6 @@ class Model:
 
     def inspect(self, text: str, mask_rate: float = 0.15, seed: int = 0, top_k: int = 5) -> list:
         """`bertforge inspect`'s masked-prediction records (right/wrong) of a passage."""
-        from bertforge.inspect_mlm import masked_predictions
-
         self.require("fill_mask")
         check_texts([text])
         if not 0 < mask_rate <= 1:
@@ -343,14 +323,10 @@ class Model:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the model in our format (head, labels and embedding settings kept)."""
-        from bertforge.model.loading import save_model
-
         save_model(self.loaded.model, path, tokenizer=self.tokenizer, meta=self.loaded.meta)
 
     def to_hf(self, path: str | os.PathLike) -> None:
         """Write a Hugging Face BERT folder (sentence models: the sentence-transformers layout too)."""
-        from bertforge.model.loading import export_hf
-
         if self.head == "base" and self.loaded.source == "sentence-transformers":
             self.encoder.save_sentence_transformers(path, self.tokenizer)
         else:
@@ -416,8 +392,6 @@ def _logsumexp(x: np.ndarray) -> float:
 
 def _padded_batches(rows: list[Row], pad_id: int, with_types: bool = False):
     """Length-sorted (indices, ids (B, T), mask (B, T) or None[, types (B, T)]) batches of <= FORWARD_TOKENS."""
-    from bertforge.model.pooling import plan_batches
-
     lengths = np.fromiter((len(r.input_ids) for r in rows), dtype=np.int64, count=len(rows))
     for idx in plan_batches(lengths, 256, FORWARD_TOKENS):
         T = int(lengths[idx].max())

@@ -23,64 +23,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from bertforge.data.corpus import CorpusLines, iter_lines
 from bertforge.errors import BertforgeError
+from bertforge.model.export import uses_remote_code, write_transformers_folder
+from bertforge.model.folders import (
+    check_model_dir,
+    load_checked,
+    load_encoder,
+)
+from bertforge.model.loading import export_hf, save_model, write_atomic
+from bertforge.model.onnx_export import ONNX_NAME, export_onnx
+from bertforge.wordpiece import train_wordpiece
 
 MLM_HEADS = ("masked_lm", "pretraining")
 EMBEDDING_FORMATS = (".npy", ".jsonl", ".csv")
 CONVERT_TARGETS = ("hf", "sentence-transformers", "onnx", "bertforge")
 HIDDEN_META = ("modules", "pooling_config", "pooling", "normalize", "max_seq_length", "discarded")
-MODEL_HINT = "pass a folder written by `bertforge quickstart`/`bertforge convert` or a Hugging Face BERT folder"
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def check_model_dir(model_dir: str | os.PathLike) -> Path:
-    """The model folder as a Path; raises when it is missing, a file, or holds no model config
-    (config.json, or modules.json for sentence-transformers)."""
-    path = Path(model_dir)
-    if not path.exists():
-        raise BertforgeError(f"model path '{model_dir}' does not exist: {MODEL_HINT}")
-    if not path.is_dir():
-        raise BertforgeError(f"model path '{model_dir}' is a file, not a model folder: {MODEL_HINT}")
-    if not ((path / "config.json").is_file() or (path / "modules.json").is_file()):
-        raise BertforgeError(f"'{model_dir}' is not a model folder (it has no config.json or modules.json): "
-                             f"{MODEL_HINT}")
-    return path
-
-
-def check_tokenizer_fits(tokenizer, config, model_dir) -> None:
-    """A tokenizer with more ids than the model's embedding rows belongs to another model."""
-    if tokenizer is None:
-        raise BertforgeError(f"model '{model_dir}' has no tokenizer (vocab.txt or tokenizer.json): copy the "
-                             "tokenizer files saved with this model into the folder")
-    if tokenizer.vocab_size > config.vocab_size:
-        raise BertforgeError(
-            f"the tokenizer in '{model_dir}' has {tokenizer.vocab_size:,} tokens but the model config has "
-            f"vocab_size {config.vocab_size:,}: the vocabulary belongs to another model; put back the "
-            "tokenizer files saved with this model")
-
-
-def load_checked(model_dir, head: str | None = None):
-    """`load_model` after the folder checks, with a tokenizer that fits the model (a `LoadedModel`)."""
-    from bertforge.model.loading import load_model
-
-    check_model_dir(model_dir)
-    loaded = load_model(model_dir, head)
-    check_tokenizer_fits(loaded.tokenizer, loaded.config, model_dir)
-    return loaded
-
-
-def load_encoder(model_dir):
-    """(SentenceEncoder, tokenizer) for a model folder of any supported format."""
-    check_model_dir(model_dir)
-    from bertforge.model.pooling import SentenceEncoder
-    from bertforge.wordpiece import WordPieceTokenizer
-
-    encoder = SentenceEncoder.from_pretrained(model_dir).eval()
-    tokenizer = WordPieceTokenizer.from_pretrained(model_dir)
-    check_tokenizer_fits(tokenizer, encoder.bert.config, model_dir)
-    return encoder, tokenizer
 
 
 # ----------------------------------------------------------------------------- fill-mask
@@ -296,8 +254,6 @@ def convert(source, dest, *, to: str, overwrite: bool = False) -> dict:
     a sentence model (sentence-transformers folder, or pooling in its metadata) also outputs
     `sentence_embedding`.
     """
-    from bertforge.model.export import uses_remote_code
-    from bertforge.model.loading import export_hf, save_model
 
     if to not in CONVERT_TARGETS:
         raise BertforgeError(f"conversion target '{to}' is unknown: use one of {', '.join(CONVERT_TARGETS)}")
@@ -326,8 +282,6 @@ def convert(source, dest, *, to: str, overwrite: bool = False) -> dict:
 
 def _convert_onnx(source, loaded, dest: Path) -> dict:
     """model.onnx + config.json (+ modeling file) + tokenizer; a sentence model exports its pooling."""
-    from bertforge.model.export import ONNX_NAME, export_onnx, write_transformers_folder
-    from bertforge.model.loading import write_atomic
 
     sentence = loaded.head == "base" and "pooling" in loaded.meta
     encoder = load_encoder(source)[0] if sentence else None
@@ -356,8 +310,6 @@ def train_tokenizer(corpus: list[str], out, *, vocab_size: int = 30522, lowercas
                     strip_accents: bool | None = None, min_frequency: int = 2, limit_alphabet: int = 1000,
                     overwrite: bool = False) -> dict:
     """Train a WordPiece vocabulary on `corpus` (files, folders, .gz, .jsonl) and save it in `out`."""
-    from bertforge.data.corpus import iter_lines
-    from bertforge.wordpiece import train_wordpiece
 
     out_path = Path(out)
     if out_path.exists() and not out_path.is_dir():
@@ -365,7 +317,7 @@ def train_tokenizer(corpus: list[str], out, *, vocab_size: int = 30522, lowercas
     if out_path.is_dir() and (out_path / "vocab.txt").exists() and not overwrite:
         raise BertforgeError(f"'{out}' already holds a vocab.txt: pass another --out or --overwrite")
     start = time.perf_counter()
-    tokenizer = train_wordpiece(corpus, vocab_size=vocab_size, lowercase=lowercase,
+    tokenizer = train_wordpiece(CorpusLines(corpus), vocab_size=vocab_size, lowercase=lowercase,
                                 strip_accents=strip_accents, min_frequency=min_frequency,
                                 limit_alphabet=limit_alphabet, show_progress=sys.stderr.isatty())
     seconds = time.perf_counter() - start

@@ -111,9 +111,10 @@ def _write_capped(documents, path: Path, max_bytes: int) -> str:
 
 
 def step_tokenizer(ctx: Context) -> str:
+    from bertforge.data.corpus import CorpusLines
     from bertforge.wordpiece import train_wordpiece
 
-    tok = train_wordpiece([ctx.corpus_file], vocab_size=ctx.opts.vocab_size, show_progress=False)
+    tok = train_wordpiece(CorpusLines(ctx.corpus_file), vocab_size=ctx.opts.vocab_size, show_progress=False)
     tok.save(ctx.out / "tokenizer")
     ctx.tokenizer = tok
     ctx.wrote("tokenizer", ctx.out / "tokenizer", "vocab.txt + tokenizer.json (HF-loadable)")
@@ -210,7 +211,8 @@ def step_export(ctx: Context) -> str:
 def step_verify(ctx: Context) -> str:
     import torch
 
-    from bertforge.inference import describe, load_checked
+    from bertforge.inference import describe
+    from bertforge.model.folders import load_checked
 
     diffs, infos = [], []
     for path in (ctx.out / "model", ctx.out / "model-hf"):

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from bertforge.errors import BertforgeError
-from bertforge.report import EVAL_NOT_PLOTTED, RunData, finite_or_none
+from bertforge.report_runs import EVAL_NOT_PLOTTED, RunData, finite_or_none
 
 
 def _figure_tools():

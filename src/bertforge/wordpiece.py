@@ -40,7 +40,6 @@ from tokenizers import (
 from tokenizers import Encoding as _BackendEncoding
 from tqdm import tqdm
 
-from bertforge.data.corpus import Source, iter_lines
 from bertforge.errors import BertforgeError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 when training
@@ -230,17 +229,20 @@ class WordPieceTokenizer:
                 f"strip_accents={self.strip_accents})")
 
 
-def train_wordpiece(sources: Source | Iterable[Source], *, vocab_size: int = 30522, lowercase: bool = True,
+def train_wordpiece(lines: Iterable[str], *, vocab_size: int = 30522, lowercase: bool = True,
                     strip_accents: bool | None = None, min_frequency: int = 2,
                     limit_alphabet: int | None = 1000, show_progress: bool = True) -> WordPieceTokenizer:
-    """Train a WordPiece vocabulary on the lines of `sources` (streamed; see bertforge.data.corpus),
-    with [PAD], [UNK], [CLS], [SEP], [MASK] as ids 0..4. The result is deterministic (see _alphabet)."""
+    """Train a WordPiece vocabulary on `lines`, with [PAD], [UNK], [CLS], [SEP], [MASK] as ids 0..4; the
+    result is deterministic (see _alphabet). `lines` is read two or three times, so it must be re-iterable:
+    a list of strings, or `bertforge.data.corpus.CorpusLines(paths)` to stream files."""
     if vocab_size <= len(SPECIAL_TOKENS):
         raise BertforgeError(f"vocab_size={vocab_size} is too small: it must exceed the "
                              f"{len(SPECIAL_TOKENS)} special tokens plus the alphabet (try >= 1000)")
-    iter_lines(sources)  # checks every source now
+    if iter(lines) is lines:
+        raise BertforgeError("train_wordpiece reads its lines more than once, so a one-pass iterator cannot be "
+                             "used: pass a list of lines or bertforge.data.corpus.CorpusLines(paths)")
     settings = _Settings(do_lower_case=lowercase, strip_accents=strip_accents)
-    alphabet, continuing = _alphabet(sources, settings, limit_alphabet, show_progress)
+    alphabet, continuing = _alphabet(lines, settings, limit_alphabet, show_progress)
     for _ in range(2):
         fixed = len(SPECIAL_TOKENS) + len(continuing) + len(alphabet)
         if fixed > vocab_size:
@@ -252,7 +254,7 @@ def train_wordpiece(sources: Source | Iterable[Source], *, vocab_size: int = 305
             initial_alphabet=alphabet, show_progress=show_progress,
             special_tokens=[*SPECIAL_TOKENS, *continuing], continuing_subword_prefix="##")
         backend = _build_backend({t: i for i, t in enumerate(SPECIAL_TOKENS)}, settings)
-        backend.train_from_iterator(_batches(iter_lines(sources)), trainer=trainer)
+        backend.train_from_iterator(_batches(iter(lines)), trainer=trainer)
         vocab = sorted(backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
         tokens = [t for t, _ in vocab]
         unforeseen = {t for t in tokens if t.startswith("##") and len(t) == 3} - set(continuing)
@@ -266,7 +268,7 @@ def train_wordpiece(sources: Source | Iterable[Source], *, vocab_size: int = 305
     return WordPieceTokenizer(tokens, settings)
 
 
-def _alphabet(sources, settings: _Settings, limit: int | None, show_progress: bool = False
+def _alphabet(lines: Iterable[str], settings: _Settings, limit: int | None, show_progress: bool = False
               ) -> tuple[list[str], list[str]]:
     """First, cheap pass: the alphabet (the `limit` most frequent normalized characters, ties by
     character) and the `##c` pieces the trainer will create, both sorted.
@@ -283,8 +285,7 @@ def _alphabet(sources, settings: _Settings, limit: int | None, show_progress: bo
     counts: Counter[str] = Counter()
     inner: set[str] = set()
     table = _word_break_table()
-    lines = tqdm(iter_lines(sources), desc="WordPiece alphabet", unit=" lines", disable=not show_progress)
-    for line in lines:
+    for line in tqdm(lines, desc="WordPiece alphabet", unit=" lines", disable=not show_progress):
         counts.update(line)
         inner.update("".join(word[1:] for word in line.translate(table).split()))
     normalizer = _build_backend({t: i for i, t in enumerate(SPECIAL_TOKENS)}, settings).normalizer

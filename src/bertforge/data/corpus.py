@@ -70,6 +70,17 @@ def iter_lines(sources: Source | Iterable[Source], *, text_field: str = "text") 
     return _lines(specs, text_field)
 
 
+class CorpusLines:
+    """The lines of `sources` as an iterable that can be read more than once (WordPiece training reads
+    its input two or three times); every source is checked when this is built."""
+
+    def __init__(self, sources: Source | Iterable[Source], *, text_field: str = "text"):
+        self.specs, self.text_field = _resolve(sources), text_field
+
+    def __iter__(self) -> Iterator[str]:
+        return _lines(self.specs, self.text_field)
+
+
 def _documents(
     specs: list[tuple[str, list[str]]], boundary: str, text_field: str, min_chars: int
 ) -> Iterator[str]:

@@ -212,7 +212,7 @@ def collate_qa(features: Sequence[QAFeature], pad_token_id: int) -> dict[str, to
     }
 
 
-def _best_span(feature: QAFeature, start_logits: np.ndarray, end_logits: np.ndarray,
+def best_span(feature: QAFeature, start_logits: np.ndarray, end_logits: np.ndarray,
                n_best_size: int, max_answer_length: int) -> tuple[float, int, int] | None:
     """(score, first char, end char) of the best valid span of one window, or None.
 
@@ -259,7 +259,7 @@ def postprocess_qa_predictions(examples: Sequence[SquadExample], features: Seque
         best = None
         for row in by_example[index]:
             length = len(features[row].input_ids)
-            span = _best_span(features[row], start_logits[row, :length], end_logits[row, :length],
+            span = best_span(features[row], start_logits[row, :length], end_logits[row, :length],
                               n_best_size, max_answer_length)
             if span is not None and (best is None or span[0] > best[0]):
                 best = span

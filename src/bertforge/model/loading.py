@@ -44,6 +44,7 @@ from bertforge.errors import BertforgeError
 from bertforge.model import export, hf_compat
 from bertforge.model.bert import BertConfig
 from bertforge.model.heads import HEADS, build_model
+from bertforge.model.st_layout import is_st_folder, read_model_json, read_st_layout
 
 if TYPE_CHECKING:
     from bertforge.wordpiece import WordPieceTokenizer
@@ -229,49 +230,15 @@ def load_model(path: str | os.PathLike, head: str | None = None, *,
 
 def _locate(root: Path) -> tuple[Path, dict | None]:
     """The folder holding the BERT weights; for sentence-transformers also its pooling/normalize meta."""
-    modules_file = root / "modules.json"
-    if not modules_file.is_file():
+    if not is_st_folder(root):
         return root, None
-    modules = _read_json(modules_file)
-    types = [str(m.get("type", "")) for m in modules] if isinstance(modules, list) else []
-    kinds = [t.rsplit(".", 1)[-1] for t in types]  # "...models.Transformer" (v2-v5), "...modules.transformer.Transformer" (v6)
-    transformers_ = [m for m, k in zip(modules, kinds) if k == "Transformer"]
-    if len(transformers_) != 1:
-        raise BertforgeError(f"'{modules_file}' lists {len(transformers_)} Transformer modules: a "
-                             f"sentence-transformers BERT model has exactly one")
-    model_dir = root / transformers_[0].get("path", "")
-    meta: dict = {"modules": types, "normalize": "Normalize" in kinds}
-    pooling = [root / m.get("path", "") / CONFIG_NAME for m, k in zip(modules, kinds) if k == "Pooling"]
-    if pooling and pooling[0].is_file():
-        cfg = _read_json(pooling[0])
-        meta["pooling_config"] = cfg
-        meta["pooling"] = _pooling_mode(cfg)
-    sbert = model_dir / "sentence_bert_config.json"
-    if sbert.is_file():
-        meta["max_seq_length"] = _read_json(sbert).get("max_seq_length")
-    if meta.get("max_seq_length") is None and (model_dir / "tokenizer_config.json").is_file():
-        meta["max_seq_length"] = _read_json(model_dir / "tokenizer_config.json").get("model_max_length")
-    return model_dir, meta
-
-
-def _pooling_mode(cfg: dict) -> str | None:
-    """cls / mean / max from a Pooling config (v6 `pooling_mode`, or the older boolean flags); None when
-    it asks for a mode we lack (e.g. mean_sqrt_len) or several at once."""
-    if "pooling_mode" in cfg:
-        mode = {"cls": "cls", "mean": "mean", "max": "max"}.get(str(cfg["pooling_mode"]))
-        return mode
-    modes = [m for m in ("cls", "mean", "max")
-             if cfg.get("pooling_mode_cls_token" if m == "cls" else f"pooling_mode_{m}_tokens")]
-    others = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v
-              and k not in ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens")]
-    return modes[0] if len(modes) == 1 and not others else None
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BertforgeError(f"'{path}' is unreadable ({e}): restore the file or re-save the model") from None
+    layout = read_st_layout(root)
+    meta: dict = {"modules": list(layout.modules), "normalize": layout.normalize}
+    if layout.max_seq_length is not None:
+        meta["max_seq_length"] = layout.max_seq_length
+    if layout.pooling_config is not None:
+        meta.update(pooling_config=layout.pooling_config, pooling=layout.pooling)
+    return layout.model_dir, meta
 
 
 def _read_config(model_dir: Path) -> dict:
@@ -279,7 +246,7 @@ def _read_config(model_dir: Path) -> dict:
     if not cfg.is_file():
         raise BertforgeError(f"'{model_dir}' is not a model directory (no {CONFIG_NAME}): pass a directory "
                              f"written by save_model or export_hf, or an HF / sentence-transformers model")
-    raw = _read_json(cfg)
+    raw = read_model_json(cfg)
     if not isinstance(raw, dict):
         raise BertforgeError(f"'{cfg}' is unreadable (not a JSON object): restore the file or re-save the model")
     return raw
@@ -331,7 +298,7 @@ def _read_weights(model_dir: Path, allow_bin: bool) -> dict[str, torch.Tensor]:
     if allow_bin:
         files.append(model_dir / HF_BIN_NAME)
     if not files[0].is_file() and index.is_file():
-        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        shards = sorted(set(read_model_json(index).get("weight_map", {}).values()))
         return {k: v for s in shards for k, v in _read_weight_file(model_dir / s).items()}
     for f in files:
         if f.is_file():

@@ -20,9 +20,7 @@ Texts longer than `max_seq_length` tokens are cut to it ([CLS] + the first token
 sentence-transformers does; that is what `max_seq_length` means for an embedding model.
 
 `from_pretrained` reads our directories, Hugging Face BERT directories and sentence-transformers
-directories: the classic layout (`pooling_mode_*_tokens` flags, `sentence_bert_config.json`); the
-sentence-transformers 6 files (`pooling_mode`, `model_max_length`) are parsed here too, but
-`load_model` must also accept their module type names before such a directory loads.
+directories (the layout is parsed in `st_layout`, classic and sentence-transformers 6 files);
 `save_sentence_transformers` writes the classic layout (the encoder as a transformers folder, see
 `export`), which every sentence-transformers version since 2.0 loads unchanged (with
 `trust_remote_code=True` for architectures transformers has no class for).
@@ -32,7 +30,6 @@ Shapes: B batch, T sequence length, H hidden size, N texts.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -46,12 +43,11 @@ from tqdm import tqdm
 
 from bertforge.errors import BertforgeError
 from bertforge.model.bert import BertModel
+from bertforge.model.export import write_transformers_folder
+from bertforge.model.loading import load_model, write_atomic
+from bertforge.model.st_layout import POOLING_MODES, is_st_folder, read_st_layout, write_st_layout
 
-POOLING_MODES = ("cls", "mean", "max")
 TOKENS_PER_BATCH = 2048  # padded tokens per encode() forward; 512-2048 within 3% on 1 thread, 4096 -8%
-_ST_TRANSFORMER = "sentence_transformers.models.Transformer"
-_ST_POOLING = "sentence_transformers.models.Pooling"
-_ST_NORMALIZE = "sentence_transformers.models.Normalize"
 
 
 def pool(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor | None, mode: str = "mean") -> torch.Tensor:
@@ -142,14 +138,22 @@ class SentenceEncoder(nn.Module):
         """
         if batch_size < 1 or max_tokens < 1:
             raise BertforgeError(f"batch_size {batch_size} and max_tokens {max_tokens} must be at least 1")
-        ids, lengths = self._tokenize(texts, tokenizer, max_seq_length)
+        ids, _ = self._tokenize(texts, tokenizer, max_seq_length)
+        return self.encode_ids(ids, tokenizer.pad_token_id, batch_size=batch_size, max_tokens=max_tokens,
+                               workers=workers, show_progress=show_progress)
+
+    def encode_ids(self, ids: list[list[int]], pad_id: int, *, batch_size: int = 64,
+                   max_tokens: int = TOKENS_PER_BATCH, workers: int | None = None, show_progress: bool = False
+                   ) -> torch.Tensor:
+        """Embed token-id rows that are ready ([CLS] ... [SEP], within the length limit) -> (N, H), row i
+        for ids[i]: the batching of `encode` without its tokenizer (the server tokenizes per request)."""
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         device = next(self.bert.parameters()).device
         threads = torch.get_num_threads()
         workers = (threads if device.type == "cpu" else 1) if workers is None else workers
         if workers < 1:
             raise BertforgeError(f"workers {workers} must be at least 1: pass 1 to run one batch at a time")
         batches = plan_batches(lengths, batch_size, max_tokens)
-        pad_id = tokenizer.pad_token_id
 
         def embed(idx: np.ndarray) -> torch.Tensor:
             input_ids, mask = _pad([ids[i] for i in idx], lengths[idx], pad_id)
@@ -195,19 +199,19 @@ class SentenceEncoder(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike) -> SentenceEncoder:
         """Load a sentence-transformers directory, our directory or a Hugging Face BERT directory.
 
-        Pooling, normalisation and max_seq_length come from the sentence-transformers files; a plain
-        BERT directory gets what sentence-transformers gives it: mean pooling, no normalisation and
-        the model's position count (our directories may carry them in their meta).
+        Pooling, normalisation and max_seq_length come from the sentence-transformers files
+        (`st_layout`); a plain BERT directory gets what sentence-transformers gives it: mean pooling,
+        no normalisation and the model's position count (our directories may carry them in their meta).
         """
-        from bertforge.model.loading import load_model
-
         loaded = load_model(path, head="base")
-        root, meta, config = Path(path), loaded.meta, loaded.config
+        meta, config = loaded.meta, loaded.config
         pooling, normalize_, max_len = meta.get("pooling", "mean"), bool(meta.get("normalize", False)), None
-        if (root / "modules.json").is_file():
-            pooling, normalize_, max_len = _read_st_layout(root)
+        if is_st_folder(Path(path)):
+            layout = read_st_layout(Path(path))
+            layout.check_embedding_pipeline()
+            pooling, normalize_, max_len = layout.pooling, layout.normalize, layout.max_seq_length
         max_len = max_len or meta.get("max_seq_length") or config.max_position_embeddings
-        if pooling is None:
+        if pooling not in POOLING_MODES:
             raise BertforgeError(f"'{path}' uses a pooling mode other than {', '.join(POOLING_MODES)}: "
                                  f"re-save it with cls, mean or max pooling")
         return cls(loaded.model, pooling=pooling, normalize=normalize_,
@@ -218,39 +222,18 @@ class SentenceEncoder(nn.Module):
 
         The encoder goes to the root as a transformers folder (`export.write_transformers_folder`:
         plain HF BERT, or our modeling file for other architectures, which then load with
-        `SentenceTransformer(directory, trust_remote_code=True)`); modules.json, 1_Pooling,
-        2_Normalize (when normalising) and sentence_bert_config.json follow sentence-transformers'
-        classic layout. The write is atomic, like `save_model`.
+        `SentenceTransformer(directory, trust_remote_code=True)`), the pipeline files beside it
+        (`st_layout.write_st_layout`). The write is atomic, like `save_model`.
         """
-        from bertforge.model.export import write_transformers_folder
-        from bertforge.model.loading import write_atomic
-
         if tokenizer is None:
             raise BertforgeError("save_sentence_transformers needs the tokenizer: pass the model's tokenizer")
-        modules = [(_ST_TRANSFORMER, ""), (_ST_POOLING, "1_Pooling")]
-        if self.normalize:
-            modules.append((_ST_NORMALIZE, "2_Normalize"))
-        pooling_config = {"word_embedding_dimension": self.bert.config.hidden_size,
-                          "pooling_mode_cls_token": self.pooling == "cls",
-                          "pooling_mode_mean_tokens": self.pooling == "mean",
-                          "pooling_mode_max_tokens": self.pooling == "max",
-                          "pooling_mode_mean_sqrt_len_tokens": False,
-                          "pooling_mode_weightedmean_tokens": False,
-                          "pooling_mode_lasttoken": False,
-                          "include_prompt": True}
 
         def write(tmp: Path) -> None:
             write_transformers_folder(self.bert, "base", tmp, tokenizer=tokenizer,
                                       meta={"pooling": self.pooling, "normalize": self.normalize,
                                             "max_seq_length": self.max_seq_length})
-            _write_json(tmp / "modules.json", [{"idx": i, "name": str(i), "path": p, "type": t}
-                                               for i, (t, p) in enumerate(modules)])
-            _write_json(tmp / "sentence_bert_config.json",
-                        {"max_seq_length": self.max_seq_length, "do_lower_case": False})
-            (tmp / "1_Pooling").mkdir()
-            _write_json(tmp / "1_Pooling" / "config.json", pooling_config)
-            if self.normalize:
-                (tmp / "2_Normalize").mkdir()
+            write_st_layout(tmp, hidden_size=self.bert.config.hidden_size, pooling=self.pooling,
+                            normalize=self.normalize, max_seq_length=self.max_seq_length)
 
         write_atomic(Path(directory), write)
 
@@ -276,44 +259,3 @@ def _pad(rows: list[list[int]], lengths: np.ndarray, pad_id: int) -> tuple[torch
         ids[j, :len(row)] = row
     mask = np.arange(T)[None, :] < lengths[:, None]  # (B, T)
     return torch.from_numpy(ids), torch.from_numpy(mask)
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BertforgeError(f"'{path}' is unreadable ({e}): restore the file or re-save the model") from None
-
-
-def _write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
-def _read_st_layout(root: Path) -> tuple[str | None, bool, int | None]:
-    """(pooling, normalize, max_seq_length) of a sentence-transformers directory; pooling None when the
-    directory pools in a way we do not have (several modes, sqrt-length, weighted, last token)."""
-    modules = _read_json(root / "modules.json")
-    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
-        raise BertforgeError(f"'{root / 'modules.json'}' is not a list of modules: restore it or re-save the model")
-    types = {str(m.get("type", "")).rsplit(".", 1)[-1]: m for m in modules}
-    unknown = sorted(set(types) - {"Transformer", "Pooling", "Normalize"})
-    if unknown or "Transformer" not in types:
-        raise BertforgeError(f"'{root}' has sentence-transformers modules {unknown or ['(no Transformer)']} "
-                             f"beyond Transformer -> Pooling -> Normalize: only that pipeline is supported")
-    if "Pooling" not in types:
-        raise BertforgeError(f"'{root}' has no Pooling module: pass a sentence-transformers embedding model")
-    cfg = _read_json(root / types["Pooling"].get("path", "1_Pooling") / "config.json")
-    if "pooling_mode" in cfg:  # sentence-transformers 6: one name (or a list of names)
-        mode = cfg["pooling_mode"]
-        pooling = mode if isinstance(mode, str) and mode in POOLING_MODES else None
-    else:
-        flags = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "max": "pooling_mode_max_tokens"}
-        on = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v]
-        pooling = next((m for m, flag in flags.items() if on == [flag]), None)
-    transformer_dir = root / types["Transformer"].get("path", "")
-    max_len = None
-    for name, key in (("sentence_bert_config.json", "max_seq_length"), ("tokenizer_config.json", "model_max_length")):
-        f = transformer_dir / name
-        if max_len is None and f.is_file():
-            max_len = _read_json(f).get(key)
-    return pooling, "Normalize" in types, max_len

@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from bertforge._version import __version__
 from bertforge.api import Model
 from bertforge.serve.core import ApiError, Server, ServeSettings, error_response
 from bertforge.serve.routes import router
@@ -116,8 +117,6 @@ def _replay(body: bytes, receive):
 
 def create_app(models: dict[str, Model], settings: ServeSettings | None = None) -> FastAPI:
     """The ASGI app serving `models` (name -> loaded `Model`)."""
-    from bertforge import __version__
-
     settings = settings or ServeSettings()
     server = Server(models, settings)
 

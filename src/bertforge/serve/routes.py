@@ -15,6 +15,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from bertforge._version import __version__
 from bertforge.api import Row, postprocess_embeddings, split_pairs
 from bertforge.errors import BertforgeError
 from bertforge.serve import schemas as s
@@ -163,8 +164,6 @@ async def list_models(server: ServerDep):
 
 @router.get("/info", tags=["service"], summary="served models, heads, dimensions, lengths and limits")
 async def info(server: ServerDep):
-    from bertforge import __version__
-
     limits = {k: getattr(server.settings, k) for k in ("max_texts", "max_chars", "max_body_bytes",
                                                        "max_batch_tokens", "max_wait_ms", "max_queue_tokens")}
     return {"version": __version__, "auth": server.settings.api_key is not None,

@@ -175,7 +175,7 @@ def sts_scores(cosines: np.ndarray, gold: np.ndarray) -> dict[str, float]:
 
 def sts_eval(model_dir: str | Path, file: str | Path, *, limit: int | None = None, batch_size: int = 64) -> dict:
     """Zero-shot STS of any model folder (ours, HF BERT, sentence-transformers): {spearman, pearson, n}."""
-    from bertforge.inference import load_encoder
+    from bertforge.model.folders import load_encoder
 
     encoder, tokenizer = load_encoder(model_dir)
     a, b, gold = read_sts(file, limit)
@@ -245,7 +245,7 @@ def calibrate_encoder(encoder: nn.Module, tokenizer, c: CalibrationConfig, save_
 
 def calibrate_model(model_dir: str | Path, c: CalibrationConfig, *, save: bool = False) -> dict:
     """`calibrate_encoder` for any model folder; `save` writes the threshold into that folder."""
-    from bertforge.inference import load_encoder
+    from bertforge.model.folders import load_encoder
 
     encoder, tokenizer = load_encoder(model_dir)
     return calibrate_encoder(encoder.eval(), tokenizer, c, model_dir if save else None)
@@ -260,7 +260,7 @@ def load_threshold(model_dir: str | Path) -> float:
 
 def is_similar(model_dir: str | Path, a: list[str], b: list[str]) -> list[tuple[float, bool]]:
     """(cosine, cosine >= saved threshold) for each pair (a_i, b_i), with the model's calibrated threshold."""
-    from bertforge.inference import load_encoder
+    from bertforge.model.folders import load_encoder
 
     threshold = load_threshold(model_dir)
     encoder, tokenizer = load_encoder(model_dir)
@@ -317,7 +317,7 @@ class SentenceRunConfig:
 
 def load_encoder_for_training(cfg: SentenceModelConfig):
     """(SentenceEncoder, tokenizer) from cfg.path with pooling / normalize overrides applied."""
-    from bertforge.inference import load_encoder
+    from bertforge.model.folders import load_encoder
     from bertforge.model.pooling import check_pooling
 
     require(bool(cfg.path), "model.path is empty: pass a model folder (ours, HF BERT or sentence-transformers)")
