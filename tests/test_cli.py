@@ -106,6 +106,17 @@ def test_console_script_and_python_m(tmp_path):
     assert done.stdout == ""
 
 
+def test_single_process_commands_refuse_torchrun(tmp_path):
+    """sentence-train, distill, embed ... under torchrun would be N copies writing one folder: refused at once."""
+    import os
+
+    env = dict(os.environ, RANK="1", WORLD_SIZE="2", LOCAL_RANK="1")
+    done = subprocess.run([sys.executable, "-m", "bertforge", "sentence-train", "--model", str(tmp_path / "m"), "--output",
+                           str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120)
+    assert_user_error(done.returncode, done.stderr, "sentence-train", "torchrun")
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_import_does_not_load_torch():
     code = "import sys, bertforge.cli; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

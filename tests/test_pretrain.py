@@ -103,6 +103,7 @@ def test_two_process_ddp_equals_one_process_with_accumulation(prepared, tmp_path
                           "--master_port", "29533", "-m", "bertforge", *common, "--output", str(tmp_path / "ddp"),
                           "train.grad_accum=1"], env=env(), capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.count('"stop_reason"') == 1  # the summary comes from rank 0 only
     wa = load_file(tmp_path / "single" / "model" / "model.safetensors")
     wb = load_file(tmp_path / "ddp" / "model" / "model.safetensors")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5

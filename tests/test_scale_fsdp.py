@@ -37,6 +37,23 @@ def run(args: list[str], nproc: int = 1, port: int = 29541) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def children(pid: int) -> list[int]:
+    """The direct child processes of `pid` (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -66,7 +83,8 @@ def test_fsdp_two_processes_equal_one_process_and_resume_after_kill(prepared, tm
     assert all(abs(la[s] - lb[s]) <= 1e-5 for s in la), (la, lb)
     assert max_diff(weights(tmp_path / "single"), weights(tmp_path / "fsdp")) <= 1e-5
 
-    # kill -9 mid-run (the whole torchrun process group), resume from the sharded checkpoint
+    # kill -9 of the launcher mid-run: its workers die with it (no orphan keeps writing), then resume from the
+    # sharded checkpoint
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run([*fsdp, "--max-steps", "200", "--output", str(straight)], nproc=2, port=29542)
     proc = subprocess.Popen(command([*fsdp, "--max-steps", "200", "--output", str(killed)], 2, 29543), env=env(),
@@ -77,8 +95,14 @@ def test_fsdp_two_processes_equal_one_process_and_resume_after_kill(prepared, tm
         assert proc.poll() is None, "run ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    workers = children(proc.pid)
+    assert len(workers) == 2, workers
+    proc.kill()
     proc.wait()
+    gone = time.monotonic() + 60
+    while any(alive(w) for w in workers):
+        assert time.monotonic() < gone, "a worker outlived its killed launcher"
+        time.sleep(0.05)
     assert max(losses(killed)) < 200
     shards = killed / "checkpoints" / pointer.read_text().strip() / "shards"
     assert sorted(p.name for p in shards.iterdir()) == ["dcp", "trainer_rank0.pt", "trainer_rank1.pt"]

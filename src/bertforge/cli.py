@@ -28,6 +28,7 @@ from bertforge.train import sentence_cli as st
 EXIT_USAGE = 2
 OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+=")
 EXIT_INTERRUPTED = 130
+TORCHRUN_COMMANDS = ("pretrain", "finetune")  # the commands that split work over torchrun's processes
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -383,8 +384,24 @@ def _add_group(top: argparse._SubParsersAction, name: str,
     return groups[name]
 
 
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def main(argv: list[str | os.PathLike] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 2 usage or input error, 130 interrupted)."""
+    """Run the CLI; returns the exit status (0 ok, 2 usage or input error, 130 interrupted).
+
+    Under torchrun the process ends here with os._exit once its output is flushed: the run's files are
+    written and closed, and skipping interpreter teardown avoids the gloo/NCCL threads' exit-time aborts."""
+    code = _main(argv)
+    if under_torchrun():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: list[str | os.PathLike] | None) -> int:
     argv = sys.argv[1:] if argv is None else [os.fspath(a) for a in argv]
     parser = build_parser(argv)
     try:
@@ -398,6 +415,11 @@ def main(argv: list[str | os.PathLike] | None = None) -> int:
     if getattr(args, "run", None) is None:
         (getattr(args, "group_parser", None) or parser).print_help(sys.stderr)
         return EXIT_USAGE
+    name = selected_command(argv)
+    if under_torchrun() and name not in TORCHRUN_COMMANDS:
+        return _fail(f"{name} runs in one process but torchrun started {os.environ['WORLD_SIZE']} (N copies would "
+                     f"write one folder): run plain `bertforge {name}`; torchrun is for "
+                     f"{' and '.join(TORCHRUN_COMMANDS)}")
     try:
         return resolve(args.run)(args)
     except BertforgeError as exc:

@@ -4,14 +4,24 @@ Launch: `torchrun --nproc_per_node N -m bertforge pretrain ...` (DistributedData
 `train.parallel=fsdp` (FSDP2, `bertforge.train.fsdp`). Without torchrun's environment every helper
 degrades to the single-process answer, so library code calls them unconditionally.
 Backend: nccl on CUDA, gloo on CPU (both parallel modes tested with two CPU processes).
+
+Faults: every collective times out after `train.dist_timeout_minutes` (a rank that died or diverged ends
+the run with an error instead of a silent hang), and each worker asks the kernel to kill it when its
+launcher dies (`kill -9` of torchrun, a lost node agent), so no orphan keeps training into the run folder.
 """
 
 from __future__ import annotations
 
+import ctypes
+import datetime
 import os
+import signal
+import sys
 
 import torch
 import torch.distributed as tdist
+
+PR_SET_PDEATHSIG = 1  # prctl(2) option: a signal sent to this process when its parent dies
 
 
 def is_distributed() -> bool:
@@ -38,16 +48,37 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
 
 
-def init_distributed() -> bool:
-    """Initialise the process group when launched by torchrun; returns True when distributed."""
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (valid before init and after cleanup; 0 without torchrun)."""
+    return int(os.environ.get("RANK", 0)) if launched_by_torchrun() else 0
+
+
+def die_with_launcher() -> None:
+    """Linux: have the kernel SIGKILL this worker when its parent (the torchrun agent) dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> bool:
+    """Initialise the process group when launched by torchrun; returns True when distributed.
+
+    `timeout_minutes` bounds every collective: a rank that waits longer for the others fails with an error."""
     if is_distributed():
         return True
     if not launched_by_torchrun():
         return False
+    die_with_launcher()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank())
-    tdist.init_process_group(backend=backend)
+    tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return True
 
 

@@ -327,7 +327,7 @@ def aggregate(runs: list[dict]) -> dict:
 def main(cfg: FinetuneRunConfig) -> dict:
     """Fine-tune as configured; returns metrics.json's content (seeds > 1: the aggregate of seeds.json)."""
     validate(cfg)
-    dist.init_distributed()
+    dist.init_distributed(cfg.train.dist_timeout_minutes)
     try:
         if cfg.seeds == 1:
             return run_one(cfg)

@@ -55,6 +55,7 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     parallel: str = "ddp"  # under torchrun: ddp (replicated) | fsdp (FSDP2, sharded; train/fsdp.py)
+    dist_timeout_minutes: float = 30.0  # under torchrun: a collective waiting longer fails the run
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # steps; 0 = only at the end
@@ -76,6 +77,9 @@ class TrainConfig:
             raise BertforgeError(f"train.precision '{self.precision}': use one of {', '.join(PRECISIONS)}")
         if self.max_steps is None and self.max_tokens is None and self.time_budget is None:
             raise BertforgeError("no stopping rule: set train.max_steps, train.max_tokens or train.time_budget")
+        if not self.dist_timeout_minutes > 0:
+            raise BertforgeError(f"train.dist_timeout_minutes={self.dist_timeout_minutes}: give a positive number "
+                                 "of minutes, e.g. 30")
         if self.parallel not in PARALLELS:
             raise BertforgeError(f"train.parallel '{self.parallel}': use one of {', '.join(PARALLELS)}")
         if self.batch_size < 1 or self.grad_accum < 1:

@@ -112,7 +112,7 @@ def main(cfg: PretrainRunConfig) -> dict:
     from bertforge.model.loading import save_model
     from bertforge.wordpiece import WordPieceTokenizer
 
-    dist.init_distributed()
+    dist.init_distributed(cfg.train.dist_timeout_minutes)
     seed_everything(cfg.train.seed)
     if not cfg.data.path:
         raise BertforgeError("no data: pass data.path=DIR, a directory written by `bertforge prepare`")

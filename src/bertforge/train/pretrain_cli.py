@@ -50,7 +50,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from bertforge.train.pretrain import main
 
     summary = main(resolve_config(args))
-    if dist.is_main():
+    if dist.launch_rank() == 0:
         print(json.dumps(summary, indent=2))
     return 0 if summary.get("stop_reason") == "budget" else 1
 
