@@ -33,7 +33,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser calls from ORIGIN (repeatable; default: CORS off)")
     p.add_argument("--max-batch-tokens", type=int, default=None, metavar="N",
-                   help="tokens per dynamic batch across requests (default: 2048 per torch thread, so "
+                   help="tokens per dynamic batch across requests (default: 4096 per torch thread, so "
                         "that one batch computes while the next one queues)")
     p.add_argument("--max-wait-ms", type=float, default=2.0, metavar="MS",
                    help="longest a request waits for others to fill a batch (default: %(default)s)")

@@ -32,7 +32,7 @@ class ServeSettings:
 
     api_key: str | None = None
     cors_origins: list[str] = field(default_factory=list)
-    max_batch_tokens: int | None = None  # default: 2048 per torch thread (one forward per thread)
+    max_batch_tokens: int | None = None  # default: 4096 per torch thread (two forwards per thread)
     max_wait_ms: float = 2.0
     max_queue_tokens: int = 262144
     max_texts: int = 2048  # texts per request
@@ -88,8 +88,9 @@ class Server:
     def __init__(self, models: dict[str, Model], settings: ServeSettings) -> None:
         if not models:
             raise BertforgeError("no model to serve: pass at least one model folder")
-        if settings.max_batch_tokens is None:  # filled here, after --threads took effect
-            settings.max_batch_tokens = TOKENS_PER_BATCH * torch.get_num_threads()
+        if settings.max_batch_tokens is None:  # filled here, after --threads took effect; two forwards per
+            # thread: a wider window to sort by length (+4% sentences/s over one, benchmarks/bench_serve.py)
+            settings.max_batch_tokens = 2 * TOKENS_PER_BATCH * torch.get_num_threads()
         self.settings, self.metrics = settings, Metrics()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="bertforge-model")
         self.served = {name: Served(m, self.executor, self.metrics, settings) for name, m in models.items()}
