@@ -1,4 +1,4 @@
-"""Shared fixtures: the shared data folder (skips cleanly when absent) and shards prepared from it."""
+"""Shared fixtures: the shared data folder (skips cleanly when absent), shards the tests make themselves, tiny models."""
 
 from __future__ import annotations
 
@@ -23,21 +23,20 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def prepared(tmp_path_factory, shared_data) -> Path:
-    """A 1,000-token WordPiece trained on 400k characters of WikiText-2 and 64-token packed shards of it
-    (train + val), shared by the pretraining, DDP and FSDP tests."""
-    from bertforge.data.corpus import CorpusLines
+def prepared(tmp_path_factory) -> Path:
+    """A 1,000-token WordPiece trained on 400 kB of this Python's standard-library docstrings (text every
+    machine has, so the resume, DDP, FSDP and CLI tests run on a user's clone without ../shared) and
+    64-token packed shards of it (train + val)."""
+    from bertforge.data.corpus import CorpusLines, write_python_docs_corpus
     from bertforge.data.shards import PrepareConfig, prepare
     from bertforge.wordpiece import train_wordpiece
 
     root = tmp_path_factory.mktemp("pretrain")
-    text = (shared_data / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8")[:400_000]
-    corpus = root / "corpus.txt"
-    corpus.write_text(text, encoding="utf-8")
+    corpus = write_python_docs_corpus(root / "corpus.txt", max_bytes=400_000)
     tok = train_wordpiece(CorpusLines([corpus]), vocab_size=1000, show_progress=False)
     tok.save(root / "tok")
     prepare(PrepareConfig(sources=[str(corpus)], output=str(root / "data"), tokenizer=str(root / "tok"),
-                          seq_len=64, val_fraction=0.05, num_workers=0, boundary="heading", show_progress=False))
+                          seq_len=64, val_fraction=0.05, num_workers=0, show_progress=False))
     return root / "data"
 
 
