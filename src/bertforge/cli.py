@@ -12,6 +12,7 @@ Parsing only: every runner imports the module that does the work inside the func
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
@@ -426,6 +427,14 @@ def _main(argv: list[str | os.PathLike] | None) -> int:
         return _fail(str(exc))
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
         return _fail(f"cannot read '{exc.filename}' ({exc.strerror}): check the path and its permissions")
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            return _fail(f"no space left on the device writing '{exc.filename or 'the output'}': free some space or "
+                         "write elsewhere; completed checkpoints are intact (continue with --resume)")
+        if exc.errno == errno.EDQUOT:
+            return _fail(f"disk quota exceeded writing '{exc.filename or 'the output'}': free some space or write "
+                         "elsewhere")
+        raise
     except UnicodeDecodeError as exc:
         return _fail(f"an input is not UTF-8 text ({exc.reason} at byte {exc.start}): convert it to UTF-8")
     except KeyboardInterrupt:

@@ -12,28 +12,41 @@ Layout of a run directory:
         latest               (a plain text file naming the newest complete checkpoint)
 
 A killed save leaves only a `.tmp-*` directory, which the next save removes; `latest` is replaced
-atomically after the directory rename, so it always names a complete checkpoint.
+atomically after the directory rename, so it always names a complete checkpoint. A checkpoint damaged
+later (a truncated copy, a bad disk) is skipped on resume for the newest one that reads (`candidates`).
+States are read with `torch.load(weights_only=True)`: a run folder from elsewhere cannot run code.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from bertforge.atomic import atomic_replace, atomic_write_text, fsync_dir
+from bertforge.atomic import atomic_write_text, fsync_dir
 from bertforge.errors import BertforgeError
 
 STATE_FILE = "state.pt"
 
 
-def atomic_save_torch(obj: Any, path: Path) -> None:
-    """torch.save into a temp file in the same folder, then rename."""
-    atomic_replace(path, lambda tmp: torch.save(obj, tmp))
+def load_state(file: Path) -> dict:
+    """A checkpoint state file read without running code (weights_only); damage is a one-line error."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):
+            raise BertforgeError(f"checkpoint file '{file}' holds Python objects other than tensors and plain "
+                                 "values, which bertforge does not write: it refuses to load it (it could run "
+                                 "code); use a checkpoint you trust") from None
+        raise BertforgeError(f"checkpoint file '{file}' cannot be read (truncated or damaged): resume from an "
+                             "earlier checkpoint (--resume-from) or start over") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise BertforgeError(f"checkpoint file '{file}' cannot be read ({type(e).__name__}: truncated or damaged): "
+                             "resume from an earlier checkpoint (--resume-from) or start over") from None
 
 
 class CheckpointManager:
@@ -63,6 +76,14 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             fsync_dir(self.root)
+        except RuntimeError as e:  # torch's writer reports a full disk as "PytorchStreamWriter failed writing"
+            shutil.rmtree(tmp, ignore_errors=True)
+            if "failed writing" not in str(e):
+                raise
+            free = shutil.disk_usage(self.root).free / 2**20
+            raise BertforgeError(f"cannot write checkpoint '{final}' ({free:.0f} MiB free on that disk): free some "
+                                 "space or write elsewhere; completed checkpoints are intact (continue with --resume)"
+                                 ) from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -83,8 +104,18 @@ class CheckpointManager:
         found = self._pointer("latest")
         if found is not None:
             return found
-        complete = sorted(d for d in self.root.glob("step_*") if (d / STATE_FILE).is_file())
+        complete = self.complete()
         return complete[-1] if complete else None
+
+    def complete(self) -> list[Path]:
+        """Checkpoint folders holding a state file, oldest first."""
+        return sorted(d for d in self.root.glob("step_*") if (d / STATE_FILE).is_file())
+
+    def candidates(self) -> list[Path]:
+        """Checkpoints to resume from, best first: the one `latest` names, then the others newest first."""
+        latest = self.latest()
+        rest = [d for d in reversed(self.complete()) if d != latest]
+        return ([latest] if latest is not None else []) + rest
 
     def best(self) -> Path | None:
         return self._pointer("best")
@@ -100,8 +131,4 @@ class CheckpointManager:
         path = path or self.latest()
         if path is None:
             raise BertforgeError(f"no checkpoint found in '{self.root}': start without --resume or point to a run directory")
-        try:
-            return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise BertforgeError(f"checkpoint '{path}' cannot be read ({type(e).__name__}): "
-                                 f"resume from an earlier one or start over") from None
+        return load_state(path / STATE_FILE)

@@ -46,6 +46,7 @@ from bertforge.train.distill_model import (
     init_student_from_teacher,
     kd_loss,
 )
+from bertforge.train.faults import stopped_early
 from bertforge.train.loop import TrainConfig, Trainer, seed_everything
 from bertforge.train.optim import OptimConfig, build_optimizer, build_schedule
 
@@ -296,15 +297,13 @@ def main(cfg: DistillRunConfig) -> dict:
                       task_name), save_model=write_model, run_config=run_config,
                       clip_grad_norm=cfg.optim.clip_grad_norm or None)
     out = Path(t.output_dir)
-    atomic_write_text(out / "config.json", json.dumps(run_config, indent=2) + "\n")
     model.eval()
     initial = {f"initial_{k}": v for k, v in evaluate_distill(model, eval_batches, task_name).items()
                if not k.startswith("teacher_")}
-    resumed = trainer.maybe_resume()
+    resumed = trainer.start()
     metrics = trainer.fit()
+    stopped_early(metrics, trainer)
     primary = spec.metrics[0] if spec else "accuracy"
-    if f"eval_{primary}" not in metrics:  # stopped early (diverged): score the last weights anyway
-        metrics.update(evaluate_distill(model.eval(), eval_batches, task_name))
     save_model(student, out / "model", tokenizer=tokenizer, meta=meta)
     metrics.update({} if resumed else initial)
     timed = eval_batches[:cfg.data.speed_batches]

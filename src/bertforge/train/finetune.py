@@ -43,6 +43,7 @@ from bertforge import config as conf
 from bertforge.errors import require
 from bertforge.train import distributed as dist
 from bertforge.train.evaluate import main_score, score_split
+from bertforge.train.faults import stopped_early
 from bertforge.train.loop import TrainConfig, Trainer, seed_everything
 from bertforge.train.optim import OptimConfig, build_optimizer, build_schedule
 from bertforge.train.tasks import TaskAdapter, TaskSettings, get_task_adapter, truncation_note
@@ -274,12 +275,11 @@ def run_one(cfg: FinetuneRunConfig) -> dict:
         save_model(m, directory, tokenizer=tokenizer, meta=meta)
 
     run_config = {**conf.config_to_dict(cfg), "train": asdict(train_cfg), "steps_per_epoch": per_epoch}
-    if dist.is_main():
-        _write_json(out / "config.json", run_config)
     trainer = Trainer(model, optimizer, scheduler, batches, train_cfg, evaluate=evaluate, save_model=write_model,
                       run_config=run_config, clip_grad_norm=cfg.optim.clip_grad_norm or None)
-    trainer.maybe_resume()
+    trainer.start()
     summary = trainer.fit()
+    stopped_early(summary, trainer)
     if not dist.is_main():
         return {}
     kept = trainer.ckpt.best() if cfg.select == "best" else None

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from bertforge.errors import BertforgeError
+from bertforge.train.pretrain_cli import add_run_folder_arguments, run_folder_flags
 
 FINETUNE_HELP = "fine-tune a model on a GLUE / NLI, SQuAD or multiple-choice task"
 FINETUNE_EXAMPLES = """\
@@ -59,7 +60,7 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML / TOML / JSON file with FinetuneRunConfig sections")
     p.add_argument("--no-truncate", action="store_true", help="fail on inputs longer than --max-seq-length "
                                                               "instead of truncating them (and reporting how many)")
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    add_run_folder_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. "
                                                                        "optim.weight_decay=0 data.max_train_examples=500")
@@ -71,7 +72,7 @@ def finetune_config_from_args(args: argparse.Namespace):
     flags = {"task": args.task, "model": args.model, "data.path": args.data, "train.output_dir": args.output,
              "epochs": args.epochs, "optim.lr": args.lr, "train.batch_size": args.batch_size,
              "data.max_seq_length": args.max_seq_length, "seeds": args.seeds, "train.seed": args.seed,
-             "data.truncate": False if args.no_truncate else None, "train.resume": True if args.resume else None,
+             "data.truncate": False if args.no_truncate else None, **run_folder_flags(args),
              "train.progress": False if args.no_progress else None}
     return load_finetune_config(args.config, args.overrides, protocol=args.protocol, flags=flags)
 

@@ -36,6 +36,8 @@ from torch import nn
 
 from bertforge.errors import BertforgeError
 from bertforge.train import distributed as dist
+from bertforge.train.checkpoint import load_state
+from bertforge.train.faults import check_resume_config
 
 SHARDS = "shards"
 _TEMPLATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # sharded model -> meta-device copy
@@ -142,10 +144,11 @@ def load_checkpoint(trainer: Any, path: Path) -> None:
     if not mine.is_file():
         raise BertforgeError(f"checkpoint '{path}' has no state for process {dist.rank()}: resume with the "
                              f"number of processes that wrote it")
-    progress = torch.load(mine, map_location="cpu", weights_only=False)
+    progress = load_state(mine)
     if progress["world_size"] != dist.world_size():
         raise BertforgeError(f"checkpoint '{path}' was written by {progress['world_size']} processes, this run has "
                              f"{dist.world_size()}: resume with --nproc_per_node {progress['world_size']}")
+    check_resume_config(progress.get("config"), trainer.run_config, path)
     model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
     dcp.load(state, checkpoint_id=shards / "dcp")

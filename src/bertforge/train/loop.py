@@ -5,8 +5,8 @@ elapsed budget, RNG states and the batch source's position all go into `state_di
 killed at any point resumes exactly (bitwise on CPU fp32).
 
     trainer = Trainer(model, optimizer, scheduler, batches, cfg, evaluate=fn)
-    trainer.maybe_resume()        # when cfg.resume
-    summary = trainer.fit()
+    trainer.start()               # checks the run folder, resumes when cfg.resume, writes config.json
+    summary = trainer.fit()       # checkpoints and stops cleanly on SIGTERM/Ctrl-C (train/faults.py)
 
 `batches` is any object with `next_batch() -> dict[str, Tensor]`, `state_dict()` and
 `load_state_dict()`. `model(**batch)` returns an object with `.loss`. `evaluate(model) -> dict`
@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import random
+import signal as signal_mod
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,9 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from bertforge.atomic import atomic_write_text
 from bertforge.errors import BertforgeError
 from bertforge.train import distributed as dist
-from bertforge.train.checkpoint import CheckpointManager
+from bertforge.train import faults
+from bertforge.train.checkpoint import STATE_FILE, CheckpointManager
 from bertforge.train.optim import batch_size_at
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -66,6 +69,8 @@ class TrainConfig:
     best_metric: str = "eval_loss"
     greater_is_better: bool = False
     resume: bool = False
+    resume_from: str | None = None  # a checkpoint folder (or a run folder) to resume from; implies resume
+    overwrite: bool = False  # start over in a folder that holds an earlier run (its files are deleted)
     loss_threshold: float | None = None  # stop if train loss stays above it ...
     loss_threshold_after: float = 0.25  # ... once this share of the budget is spent
     plateau_warn_after: float = 0.3  # warn once if the loss is still on the unigram plateau by then (0 = off)
@@ -106,7 +111,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state in types `torch.load(weights_only=True)` reads (no numpy arrays)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -114,7 +123,11 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy = state["numpy"]
+    if isinstance(numpy, dict):
+        numpy = (numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                 numpy["cached_gaussian"])
+    np.random.set_state(numpy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -124,6 +137,10 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def signal_name(signum: int) -> str:
+    return signal_mod.Signals(signum).name if signum else "a signal"
 
 
 class Trainer:
@@ -147,6 +164,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.best: float | None = None
+        self.diverged = False  # set when the weights stopped being finite (nothing is saved after that)
         self.budget_seconds = None
         if cfg.time_budget is not None:
             from bertforge.config import parse_duration
@@ -220,29 +238,67 @@ class Trainer:
         self.batches.load_state_dict(state["batches"])
         set_rng_state(state["rng"])
 
+    def start(self) -> bool:
+        """Check the run folder, resume when asked, then write config.json; True if resumed. Nothing in the
+        folder is written before the checks pass (faults.check_run_folder, faults.check_resume_config)."""
+        resuming = self.cfg.resume or bool(self.cfg.resume_from)
+        faults.check_run_folder(self.out, resuming, self.cfg.overwrite)
+        dist.barrier()
+        resumed = self.maybe_resume() if resuming else False
+        if dist.is_main():
+            atomic_write_text(self.out / "config.json", json.dumps(self.run_config, indent=2, default=str) + "\n")
+            if resumed:
+                faults.trim_metrics(self.out / "metrics.jsonl", self.step)
+        return resumed
+
+    def resume_candidates(self) -> list[Path]:
+        """Checkpoints to try, best first: `resume_from` (a checkpoint, or a run folder's), else this run's."""
+        if not self.cfg.resume_from:
+            return self.ckpt.candidates()
+        given = Path(self.cfg.resume_from)
+        if (given / STATE_FILE).is_file():
+            return [given]
+        for root in (given / "checkpoints", given):
+            found = CheckpointManager(root).candidates() if root.is_dir() else []
+            if found:
+                return found
+        raise BertforgeError(f"--resume-from '{given}' is not a checkpoint (no {STATE_FILE}) nor a run folder with "
+                             "checkpoints: pass e.g. runs/x/checkpoints/step_00001000")
+
     def maybe_resume(self) -> bool:
-        """Load the latest checkpoint when cfg.resume and one exists; True if resumed."""
-        if not self.cfg.resume:
-            return False
-        path = self.ckpt.latest()
-        if path is None:
+        """Load the newest checkpoint that reads (a damaged one is skipped with a note); True if resumed."""
+        candidates = self.resume_candidates()
+        if not candidates:
             dist.print0(f"resume: no checkpoint in {self.ckpt.root}, starting fresh")
             return False
-        if self.sharded:
-            from bertforge.train import fsdp
+        for i, path in enumerate(candidates):
+            if self.sharded:  # every process reads its shards together: no fallback, the error names the way out
+                from bertforge.train import fsdp
 
-            fsdp.load_checkpoint(self, path)
-        else:
-            state = self.ckpt.load(path)
+                fsdp.load_checkpoint(self, path)
+                break
+            try:
+                state = self.ckpt.load(path)
+            except BertforgeError as exc:
+                if i + 1 == len(candidates):
+                    raise
+                dist.print0(f"warning: {exc}; trying {candidates[i + 1].name}")
+                continue
             if state.get("sharded"):
                 raise BertforgeError(f"checkpoint '{path}' holds FSDP shards: resume it with train.parallel=fsdp "
                                      f"and the same number of processes")
+            faults.check_resume_config(state.get("config"), self.run_config, path)
             self.load_state_dict(state)
+            break
         dist.print0(f"resumed from {path} at step {self.step} ({self.elapsed:.0f}s of budget used)")
         return True
 
     def save_checkpoint(self, is_best: bool = False) -> Path | None:
-        """Write a checkpoint (rank 0; every rank under FSDP); returns its folder on rank 0."""
+        """Write a checkpoint (rank 0; every rank under FSDP); returns its folder on rank 0. Every rank calls
+        it. Non-finite weights are never saved: `self.diverged` is set instead and nothing is written."""
+        if not faults.weights_finite(self.model, self.device):
+            self.diverged = True
+            return None
         if self.sharded:
             from bertforge.train import fsdp
 
@@ -399,42 +455,61 @@ class Trainer:
         last_eval = last_save = start
         window_loss, window_tokens, window_start = [], 0, start
         metrics: dict = {}
-        stop_reason = "budget"
-        try:
-            while not self.done():
-                self.set_budget_progress()
-                loss, tokens = self.train_step()
-                window_loss.append(loss)
-                window_tokens += tokens
-                # wall clock, carried across resumes; under a time budget and DDP the slowest rank's, so
-                # every rank agrees on the time schedule, the batch ramp and when the budget ends
-                self.elapsed = elapsed0 + time.monotonic() - start
-                if self.budget_seconds:
-                    self.elapsed = dist.max_float(self.elapsed, self.device)
-                if self.step % cfg.log_every == 0 or self.done():
-                    stop_reason = self._log_window(window_loss, window_tokens, window_start, bar)
-                    window_loss, window_tokens, window_start = [], 0, time.monotonic()
-                    if stop_reason != "budget":
-                        break
-                now = time.monotonic()
-                eval_due = (cfg.eval_every and self.step % cfg.eval_every == 0) or (
-                    cfg.eval_every_minutes and now - last_eval >= cfg.eval_every_minutes * 60)
-                save_due = (cfg.save_every and self.step % cfg.save_every == 0) or (
-                    cfg.save_every_minutes and now - last_save >= cfg.save_every_minutes * 60)
-                if (eval_due or save_due) and not self.done():
-                    if eval_due:
-                        metrics = self.evaluate_and_save(save=bool(save_due), bar=bar)
-                        last_eval = time.monotonic()
-                    else:
+        stop_reason, got = "budget", 0
+        with faults.StopSignals() as signals:
+            try:
+                while not self.done():
+                    self.set_budget_progress()
+                    loss, tokens = self.train_step()
+                    window_loss.append(loss)
+                    window_tokens += tokens
+                    # wall clock, carried across resumes; under a time budget and DDP the slowest rank's, so
+                    # every rank agrees on the time schedule, the batch ramp and when the budget ends
+                    self.elapsed = elapsed0 + time.monotonic() - start
+                    if self.budget_seconds:
+                        self.elapsed = dist.max_float(self.elapsed, self.device)
+                    if self.step % cfg.log_every == 0 or self.done():
+                        stop_reason = self._log_window(window_loss, window_tokens, window_start, bar)
+                        window_loss, window_tokens, window_start = [], 0, time.monotonic()
+                        if stop_reason != "budget":
+                            break
+                    if got := signals.agreed(self.device):
+                        stop_reason = "interrupted"
                         self.save_checkpoint()
-                    if save_due:
-                        last_save = time.monotonic()
-        finally:
-            bar.close()
-        if stop_reason == "budget":
-            metrics = self.evaluate_and_save(save=True)
+                        break
+                    now = time.monotonic()
+                    eval_due = (cfg.eval_every and self.step % cfg.eval_every == 0) or (
+                        cfg.eval_every_minutes and now - last_eval >= cfg.eval_every_minutes * 60)
+                    save_due = (cfg.save_every and self.step % cfg.save_every == 0) or (
+                        cfg.save_every_minutes and now - last_save >= cfg.save_every_minutes * 60)
+                    if (eval_due or save_due) and not self.done():
+                        if eval_due:
+                            metrics = self.evaluate_and_save(save=bool(save_due), bar=bar)
+                            last_eval = time.monotonic()
+                        else:
+                            self.save_checkpoint()
+                        if save_due:
+                            last_save = time.monotonic()
+                    if self.diverged:
+                        stop_reason = "diverged"
+                        break
+            finally:
+                bar.close()
+            if stop_reason == "budget":
+                metrics = self.evaluate_and_save(save=True)
+                stop_reason = "diverged" if self.diverged else stop_reason
+        if stop_reason == "diverged":
+            dist.print0(f"stopping: the weights are no longer finite at step {self.step}; nothing was saved after "
+                        f"that. The last good checkpoint is {self.ckpt.latest() or 'none'} — lower optim.lr, raise "
+                        "the warmup, or use fp32, then resume from it with --resume-from")
+        elif stop_reason == "interrupted":
+            where = self.ckpt.latest() or "none"
+            dist.print0(f"stopped by {signal_name(got)} at step {self.step}; checkpoint {where}: "
+                        "continue with the same command and --resume")
         summary = {"step": self.step, "tokens": self.tokens, "elapsed": round(self.elapsed, 2),
                    "stop_reason": stop_reason, "best": self.best, **metrics}
+        if stop_reason == "interrupted":
+            summary["signal"] = got
         if self.log_file is not None:
             self.log_file.close()
         if self.tb is not None:
@@ -454,8 +529,7 @@ class Trainer:
                    eta=self._eta(), force=self.done())
         self._check_plateau(loss)
         if not math.isfinite(loss):
-            dist.print0(f"stopping: training loss became {loss} at step {self.step}; the last good checkpoint "
-                        f"is {self.ckpt.latest() or 'none'} — lower optim.lr, raise warmup, or use fp32")
+            self.diverged = True
             return "diverged"
         thr = self.cfg.loss_threshold
         if thr is not None and self.progress() >= self.cfg.loss_threshold_after and loss > thr:

@@ -168,13 +168,10 @@ def main(cfg: PretrainRunConfig) -> dict:
                       clip_grad_norm=cfg.optim.clip_grad_norm or None, supports_fsdp=True,
                       plateau_level=unigram_loss(train_rows, tokenizer) if not nsp else None)
     out = Path(cfg.train.output_dir)
-    if dist.is_main():
-        from bertforge.atomic import atomic_write_text
-
-        atomic_write_text(out / "config.json", json.dumps(run_config, indent=2) + "\n")
-    trainer.maybe_resume()
+    trainer.start()
     summary = trainer.fit()
-    trainer.save_model(out / "model")  # consolidated from the shards under FSDP
+    if summary["stop_reason"] not in ("diverged", "interrupted"):
+        trainer.save_model(out / "model")  # consolidated from the shards under FSDP
     if dist.is_main():
         from bertforge.atomic import atomic_write_text
 

@@ -18,10 +18,26 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="DIR", help="prepared shards (from `bertforge prepare`) = data.path")
 
 
+def add_run_folder_arguments(p: argparse.ArgumentParser) -> None:
+    """--resume, --resume-from, --overwrite: what to do with a run folder that holds an earlier run."""
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's newest checkpoint that "
+                                                         "reads (a damaged one is skipped)")
+    p.add_argument("--resume-from", metavar="CKPT", help="continue from this checkpoint folder (or another run "
+                                                         "folder's newest) = train.resume_from")
+    p.add_argument("--overwrite", action="store_true", help="delete the earlier run in the output folder and start "
+                                                            "over (without it, a used folder is refused)")
+
+
+def run_folder_flags(args: argparse.Namespace) -> dict:
+    """The train.* values of `add_run_folder_arguments`' flags (None: not given)."""
+    return {"train.resume": True if args.resume else None, "train.resume_from": args.resume_from,
+            "train.overwrite": True if args.overwrite else None}
+
+
 def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p)
     p.add_argument("--output", metavar="DIR", help="run directory = train.output_dir")
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    add_run_folder_arguments(p)
     p.add_argument("--time-budget", metavar="DURATION", help="wall-clock budget, e.g. 1h or 45m = train.time_budget")
     p.add_argument("--max-steps", type=int, metavar="N", help="= train.max_steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
@@ -38,8 +54,8 @@ def resolve_config(args: argparse.Namespace):
                       ("max_steps", "train.max_steps")):
         if getattr(args, flag, None) is not None:
             extra.append(f"{key}={getattr(args, flag)}")
-    if getattr(args, "resume", False):
-        extra.append("train.resume=true")
+    if hasattr(args, "resume"):  # pretrain (sanity has no run folder)
+        extra += [f"{k}={v}" for k, v in run_folder_flags(args).items() if v is not None]
     if getattr(args, "no_progress", False):
         extra.append("train.progress=false")
     return load_run_config(PretrainRunConfig, file=args.config, overrides=[*args.overrides, *extra])
@@ -52,6 +68,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
     summary = main(resolve_config(args))
     if dist.launch_rank() == 0:
         print(json.dumps(summary, indent=2))
+    if summary.get("stop_reason") == "interrupted":
+        return 128 + summary["signal"]  # as a shell reports a process a signal ended: 130 Ctrl-C, 143 SIGTERM
     return 0 if summary.get("stop_reason") == "budget" else 1
 
 

@@ -30,6 +30,7 @@ from torch import nn
 from bertforge.config import config_to_dict, parse_duration
 from bertforge.errors import require
 from bertforge.eval.metrics import pearson, spearman
+from bertforge.train.faults import stopped_early
 from bertforge.train.loop import TrainConfig, Trainer, seed_everything
 from bertforge.train.optim import OptimConfig, build_optimizer, build_schedule
 from bertforge.train.sentence_losses import LOSSES, build_loss
@@ -373,11 +374,11 @@ def main(cfg: SentenceRunConfig) -> dict:
     trainer = Trainer(model, optimizer, scheduler, batches, cfg.train, evaluate=evaluate, save_model=write_model,
                       run_config=run_config, clip_grad_norm=cfg.optim.clip_grad_norm or None)
     out = Path(cfg.train.output_dir)
-    atomic_write_text(out / "config.json", json.dumps(run_config, indent=2) + "\n")
     initial = {f"initial_{k}": v for k, v in evaluate(model).items()}  # the starting model, zero-shot
-    resumed = trainer.maybe_resume()
+    resumed = trainer.start()
     metrics = {**trainer.fit(), **({} if resumed else initial), "train_examples": len(rows),
                "truncated_texts": truncated}
+    stopped_early(metrics, trainer)
     encoder.eval()
     encoder.save_sentence_transformers(out / "model", tokenizer)
     if cfg.calibration.file:

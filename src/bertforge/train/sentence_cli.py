@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from bertforge.train.pretrain_cli import add_run_folder_arguments, run_folder_flags
+
 SENTENCE_HELP = "train a sentence-embedding model (Sentence-BERT) on NLI or scored pairs"
 SENTENCE_EXAMPLES = """\
   bertforge sentence-train --model path/to/bert --train snli/dev_full.tsv --loss mnrl --dev stsb/dev.tsv
@@ -37,7 +39,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-length", type=int, metavar="T", help="tokens per text (longer ones are cut and counted)")
     p.add_argument("--seed", type=int, metavar="S", help="= train.seed")
     p.add_argument("--config", metavar="FILE", help="YAML / TOML / JSON file with the run config's sections")
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    add_run_folder_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. optim.lr=3e-5")
 
@@ -45,7 +47,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _common_flags(args: argparse.Namespace) -> dict:
     return {"train.output_dir": args.output, "data.epochs": args.epochs, "train.max_steps": args.max_steps,
             "optim.lr": args.lr, "train.batch_size": args.batch_size, "data.max_seq_length": args.max_seq_length,
-            "train.seed": args.seed, "train.resume": True if args.resume else None,
+            "train.seed": args.seed, **run_folder_flags(args),
             "train.progress": False if args.no_progress else None}
 
 
