@@ -196,3 +196,60 @@ def test_a_full_disk_is_one_line(prepared, tmp_path, capsys, monkeypatch):
     assert cli_main(pretrain(prepared, run, "--max-steps", "2", "train.save_every=1")) == 2
     one_error_line(capsys, "cannot write checkpoint", "free some space", "--resume")
     assert not list((run / "checkpoints").glob(".tmp-*"))  # no half-written checkpoint left behind
+
+
+@pytest.mark.slow
+def test_ten_random_sigkills_then_resume_reach_the_uninterrupted_weights(prepared, tmp_path):
+    """SIGKILL at 10 random moments of a run that checkpoints every step (so many kills land inside a
+    checkpoint write); each restart resumes from what the last one left. The end equals the straight run."""
+    import random
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    args = ["--max-steps", "150", "train.save_every=1", "train.keep_last=2"]
+
+    def start(out: Path, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "bertforge", *pretrain(prepared, out, *args, *extra)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def logged(out: Path) -> int:
+        try:
+            return max(steps(out), default=0)
+        except (FileNotFoundError, json.JSONDecodeError):  # not yet written, or a line being written
+            return 0
+
+    assert start(straight).wait(timeout=600) == 0
+    rng = random.Random(0)
+    kills = 0
+    for attempt, target in enumerate(sorted(rng.sample(range(3, 148), 10))):  # 10 random steps, then instants
+        proc = start(killed, *(["--resume"] if attempt else []))
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and logged(killed) < target and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.05))
+        if proc.poll() is None:
+            proc.kill()
+            kills += 1
+        assert proc.wait(timeout=600) in (0, -signal.SIGKILL), proc.stderr.read()
+    assert kills >= 8  # the restarts were really cut short
+    final = start(killed, "--resume")
+    assert final.wait(timeout=600) == 0, final.stderr.read()
+    assert steps(killed) == list(range(1, 151))
+    assert losses(killed) == losses(straight)
+    a, b = load_file(straight / "model" / "model.safetensors"), load_file(killed / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_save_the_disk_cannot_hold_is_refused_before_writing(prepared, tmp_path, capsys, monkeypatch):
+    import shutil as shutil_mod
+
+    import bertforge.train.checkpoint as checkpoint
+
+    run = tmp_path / "run"
+    assert cli_main(pretrain(prepared, run, "--max-steps", "2", "train.save_every=1")) == 0
+    real = shutil_mod.disk_usage
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    capsys.readouterr()
+    assert cli_main(pretrain(prepared, run, "--max-steps", "4", "--resume")) == 2
+    one_error_line(capsys, "not enough disk space", "MiB free", "--resume")
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"  # nothing lost

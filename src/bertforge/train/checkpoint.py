@@ -38,7 +38,7 @@ def load_state(file: Path) -> dict:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):
+        if "unsupported global" in str(e).lower():  # torch names the blocked callable
             raise BertforgeError(f"checkpoint file '{file}' holds Python objects other than tensors and plain "
                                  "values, which bertforge does not write: it refuses to load it (it could run "
                                  "code); use a checkpoint you trust") from None
@@ -65,6 +65,7 @@ class CheckpointManager:
         for stale in self.root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         final = self.step_dir(step)
+        self._check_space(final)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
         try:
             torch.save(state, tmp / STATE_FILE)
@@ -92,6 +93,18 @@ class CheckpointManager:
             atomic_write_text(self.root / "best", final.name + "\n")
         self._prune()
         return final
+
+    def _check_space(self, final: Path) -> None:
+        """Refuse to start a save that the disk cannot hold: the newest checkpoint's size + 10% must be free."""
+        previous = self.latest()
+        if previous is None:
+            return
+        need = 1.1 * sum(f.stat().st_size for f in previous.rglob("*") if f.is_file())
+        free = shutil.disk_usage(self.root).free
+        if free < need:
+            raise BertforgeError(f"not enough disk space for checkpoint '{final}': {free / 2**20:.0f} MiB free, about "
+                                 f"{need / 2**20:.0f} MiB needed; free some space or write elsewhere; completed "
+                                 "checkpoints are intact (continue with --resume)")
 
     def _pointer(self, name: str) -> Path | None:
         f = self.root / name

@@ -247,7 +247,7 @@ class Trainer:
         resumed = self.maybe_resume() if resuming else False
         if dist.is_main():
             atomic_write_text(self.out / "config.json", json.dumps(self.run_config, indent=2, default=str) + "\n")
-            if resumed:
+            if resuming:  # records logged after the checkpoint (or all, when none was found) are redone
                 faults.trim_metrics(self.out / "metrics.jsonl", self.step)
         return resumed
 
@@ -303,14 +303,15 @@ class Trainer:
             from bertforge.train import fsdp
 
             return fsdp.save_checkpoint(self, is_best)
-        if not dist.is_main():
-            return None
+        path = None
+        if dist.is_main():
+            def write_model(d: Path) -> None:
+                if self.save_model_fn is not None:
+                    self.save_model_fn(self.model, d)
 
-        def write_model(d: Path) -> None:
-            if self.save_model_fn is not None:
-                self.save_model_fn(self.model, d)
-
-        return self.ckpt.save(self.step, self.state_dict(), write_model, is_best=is_best)
+            path = self.ckpt.save(self.step, self.state_dict(), write_model, is_best=is_best)
+        dist.barrier()  # no process runs ahead of a checkpoint that may still fail
+        return path
 
     def save_model(self, directory: Path) -> None:
         """The final model through `save_model` (rank 0; gathered from every rank under FSDP)."""
