@@ -137,6 +137,16 @@ def test_damaged_newest_checkpoint_is_skipped_and_resume_from(prepared, tmp_path
     out = capsys.readouterr().out
     assert "step_00000004" in out and "trying step_00000002" in out and "at step 2" in out
     assert losses(run) == reference and steps(run) == [1, 2, 3, 4]
+    # a newest checkpoint holding NaN weights (written by something else) is never chosen either
+    state = torch.load(newest, weights_only=True)
+    state["model"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                      for k, v in state["model"].items()}
+    torch.save(state, newest)
+    capsys.readouterr()
+    assert cli_main([*args, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "non-finite weights" in out and "trying step_00000002" in out and "at step 2" in out
+    assert losses(run) == reference
     # --resume-from another run's checkpoint, into a new folder
     other = tmp_path / "other"
     assert cli_main(pretrain(prepared, other, "--max-steps", "4", "--resume-from",

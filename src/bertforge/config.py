@@ -216,10 +216,3 @@ def load_run_config(cls: type[T], *, file: str | Path | None = None, overrides: 
         path, value = parse_override(item)
         merge_into(data, path, value)
     return from_dict(cls, data)
-
-
-def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config as JSON atomically."""
-    from bertforge.atomic import atomic_write_text
-
-    atomic_write_text(Path(path), json.dumps(config_to_dict(cfg), indent=2, sort_keys=False) + "\n")

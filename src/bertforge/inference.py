@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from bertforge.atomic import atomic_open
 from bertforge.data.corpus import CorpusLines, iter_lines
 from bertforge.errors import BertforgeError
 from bertforge.model.export import uses_remote_code, write_transformers_folder
@@ -161,7 +158,7 @@ def embed(model_dir, input_file, output_file, batch_size: int = 64, *, text_fiel
 def write_embeddings(array: np.ndarray, texts: list[str], output_file) -> None:
     """Write (N, H) embeddings atomically; the format follows the extension."""
     suffix = Path(output_file).suffix.lower()
-    with _atomic_file(output_file) as fh:
+    with atomic_open(output_file) as fh:
         if suffix == ".npy":
             np.save(fh, array.astype(np.float32))
             return
@@ -171,19 +168,6 @@ def write_embeddings(array: np.ndarray, texts: list[str], output_file) -> None:
                     out.write(json.dumps({"text": text, "embedding": row}) + "\n")
             else:
                 csv.writer(out).writerows([format(x, ".9g") for x in row] for row in array.tolist())
-
-
-@contextmanager
-def _atomic_file(path) -> Iterator:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.resolve().parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- info / convert

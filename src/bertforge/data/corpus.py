@@ -38,6 +38,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from bertforge.atomic import atomic_open
 from bertforge.errors import BertforgeError
 
 Source = str | os.PathLike
@@ -347,12 +348,9 @@ def write_python_docs_corpus(path: Source, *, max_bytes: int | None = None) -> P
     """Write `python_docs_corpus` to a text file (documents separated by blank lines; read it back with
     boundary="blank"), atomically; returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as out:
+    with atomic_open(path, "w", encoding="utf-8") as out:
         for doc in python_docs_corpus(max_bytes):
             out.write(doc + "\n\n")
-    os.replace(tmp, path)
     return path
 
 

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +38,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from bertforge.atomic import atomic_folder
 from bertforge.errors import BertforgeError
 from bertforge.model import export, hf_compat
 from bertforge.model.bert import BertConfig
@@ -153,44 +152,14 @@ def export_hf(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any 
         model, head, tmp, tokenizer=tokenizer, num_labels=num_labels, id2label=id2label))
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(target: Path, write: Callable[[Path], None]) -> None:
-    """Run `write(tmp_dir)`, fsync, then rename tmp_dir to `target` (replacing an older model there)."""
+    """Run `write(tmp_dir)` and put the folder in `target`'s place atomically (replacing an older model there)."""
     if target.exists() and not target.is_dir():
         raise BertforgeError(f"model path '{target}' is a file: pass a directory path")
     if target.is_dir() and any(target.iterdir()) and not (target / CONFIG_NAME).is_file():
         raise BertforgeError(f"model path '{target}' is a non-empty folder without config.json: "
                              f"pass a new or empty folder, or an existing model folder to replace")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    old = None
-    try:
-        write(tmp)
-        for f in tmp.rglob("*"):
-            _fsync(f)
-        _fsync(tmp)
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-            os.rename(target, old)
-        os.rename(tmp, target)
-        _fsync(target.parent)
-    except BaseException:
-        if old is not None and not target.exists():
-            os.rename(old, target)
-            old = None
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if old is not None and old.exists() and target.exists():
-            shutil.rmtree(old)
+    atomic_folder(target, write)
 
 
 # ----------------------------------------------------------------------------- loading

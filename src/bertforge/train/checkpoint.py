@@ -11,7 +11,7 @@ Layout of a run directory:
         best -> step_...     (a plain text file `best` naming the best step directory)
         latest               (a plain text file naming the newest complete checkpoint)
 
-A killed save leaves only a `.tmp-*` directory, which the next save removes; `latest` is replaced
+A killed save leaves only a hidden `.step_*.tmp-*` folder (atomic.atomic_folder), which the next save removes; `latest` is replaced
 atomically after the directory rename, so it always names a complete checkpoint. A checkpoint damaged
 later (a truncated copy, a bad disk) is skipped on resume for the newest one that reads (`candidates`).
 States are read with `torch.load(weights_only=True)`: a run folder from elsewhere cannot run code.
@@ -19,15 +19,13 @@ States are read with `torch.load(weights_only=True)`: a run folder from elsewher
 
 from __future__ import annotations
 
-import os
 import pickle
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from bertforge.atomic import atomic_write_text, fsync_dir
+from bertforge.atomic import atomic_folder, atomic_write_text, clear_stale
 from bertforge.errors import BertforgeError
 
 STATE_FILE = "state.pt"
@@ -62,32 +60,24 @@ class CheckpointManager:
     def save(self, step: int, state: dict, write_model=None, *, is_best: bool = False) -> Path:
         """Write `state` (and the model via `write_model(dir)`) atomically as checkpoint `step`."""
         self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        clear_stale(self.root, "step_*")
         final = self.step_dir(step)
         self._check_space(final)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
-        try:
+
+        def write(tmp: Path) -> None:
             torch.save(state, tmp / STATE_FILE)
-            with open(tmp / STATE_FILE, "rb+") as fh:
-                os.fsync(fh.fileno())
             if write_model is not None:
-                write_model(tmp / "model")  # writes (and fsyncs) atomically on its own
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fsync_dir(self.root)
+                write_model(tmp / "model")
+
+        try:
+            atomic_folder(final, write)
         except RuntimeError as e:  # torch's writer reports a full disk as "PytorchStreamWriter failed writing"
-            shutil.rmtree(tmp, ignore_errors=True)
             if "failed writing" not in str(e):
                 raise
             free = shutil.disk_usage(self.root).free / 2**20
             raise BertforgeError(f"cannot write checkpoint '{final}' ({free:.0f} MiB free on that disk): free some "
                                  "space or write elsewhere; completed checkpoints are intact (continue with --resume)"
                                  ) from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         atomic_write_text(self.root / "latest", final.name + "\n")
         if is_best:
             atomic_write_text(self.root / "best", final.name + "\n")
@@ -144,4 +134,9 @@ class CheckpointManager:
         path = path or self.latest()
         if path is None:
             raise BertforgeError(f"no checkpoint found in '{self.root}': start without --resume or point to a run directory")
-        return load_state(path / STATE_FILE)
+        state = load_state(path / STATE_FILE)
+        weights = state.get("model") or {}
+        if not all(torch.isfinite(t).all() for t in weights.values() if torch.is_tensor(t) and t.is_floating_point()):
+            raise BertforgeError(f"checkpoint '{path}' holds non-finite weights (NaN or inf): resume from an earlier "
+                                 "checkpoint (--resume-from)")
+        return state
