@@ -83,6 +83,9 @@ def test_checkpoints_keep_last_n_and_best(tmp_path):
     (tmp_path / ".tmp-leftover").mkdir()  # a save killed half way
     ckpt.save(50, {"step": torch.tensor(50)})
     assert not (tmp_path / ".tmp-leftover").exists() and ckpt.load()["step"] == 50
+    (tmp_path / ".step_00000060.tmp-1-ab").mkdir()  # the same, as atomic.atomic_folder names it
+    ckpt.save(60, {"step": torch.tensor(60)})
+    assert not list(tmp_path.glob(".*")) and ckpt.load()["step"] == 60
 
 
 def test_unreadable_checkpoint_is_a_clear_error(tmp_path):

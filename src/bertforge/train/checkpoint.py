@@ -61,6 +61,8 @@ class CheckpointManager:
         """Write `state` (and the model via `write_model(dir)`) atomically as checkpoint `step`."""
         self.root.mkdir(parents=True, exist_ok=True)
         clear_stale(self.root, "step_*")
+        for stale in self.root.glob(".tmp-*"):  # the leftovers of saves killed under earlier versions
+            shutil.rmtree(stale, ignore_errors=True)
         final = self.step_dir(step)
         self._check_space(final)
 
