@@ -30,7 +30,7 @@ DATA = Path(os.environ.get("BERTFORGE_SHARED_DATA", REPO.parent / "shared" / "da
 
 
 def bertforge_run(model: str, args, out: Path) -> dict:
-    from bertforge.train.finetune import load_finetune_config, main
+    from bertforge.workflows.finetune import load_finetune_config, main
 
     cfg = load_finetune_config(overrides=[
         "task=sst2", f"model={model}", f"data.path={DATA / 'sst2'}", f"data.max_train_examples={args.steps * args.batch_size}",

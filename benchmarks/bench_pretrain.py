@@ -162,8 +162,8 @@ def recipe_bare_step(recipe: str, data: str, steps: int) -> dict:
     from bertforge.data.masking import MLMCollator
     from bertforge.model.heads import BertForMaskedLM
     from bertforge.train.optim import build_optimizer
-    from bertforge.train.pretrain import PretrainRunConfig, build_model_config, data_tokenizer_path
     from bertforge.wordpiece import WordPieceTokenizer
+    from bertforge.workflows.pretrain import PretrainRunConfig, build_model_config, data_tokenizer_path
 
     cfg = load_run_config(PretrainRunConfig, file=recipe, overrides=[f"data.path={data}"])
     rows = PackedDataset(data, "train")

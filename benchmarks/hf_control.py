@@ -28,13 +28,13 @@ from bertforge.model.heads import BertForMaskedLM
 from bertforge.model.hf_compat import config_to_hf, to_hf_state_dict
 from bertforge.train.loop import Trainer, seed_everything
 from bertforge.train.optim import build_optimizer, build_schedule
-from bertforge.train.pretrain import (
+from bertforge.wordpiece import WordPieceTokenizer
+from bertforge.workflows.pretrain import (
     PretrainBatches,
     PretrainRunConfig,
     build_model_config,
     data_tokenizer_path,
 )
-from bertforge.wordpiece import WordPieceTokenizer
 
 
 def build(impl: str, cfg: PretrainRunConfig, vocab_size: int):

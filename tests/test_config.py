@@ -10,7 +10,7 @@ import torch
 from bertforge.config import load_run_config, parse_duration
 from bertforge.errors import BertforgeError
 from bertforge.train.checkpoint import CheckpointManager
-from bertforge.train.pretrain import PretrainRunConfig, build_model_config
+from bertforge.workflows.pretrain import PretrainRunConfig, build_model_config
 
 
 def test_partial_section_keeps_the_run_defaults():

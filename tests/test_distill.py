@@ -16,8 +16,9 @@ from bertforge.data.masking import MaskingConfig, MLMCollator
 from bertforge.errors import BertforgeError
 from bertforge.model.bert import BertConfig, pad_vocab_size
 from bertforge.model.heads import BertForMaskedLM, BertForSequenceClassification
-from bertforge.train.distill import DistillRunConfig, evaluate_distill, main
-from bertforge.train.distill_model import (
+from bertforge.train.loop import TrainConfig
+from bertforge.workflows.distill import DistillRunConfig, evaluate_distill, main
+from bertforge.workflows.distill_model import (
     DistillationModel,
     DistillLossConfig,
     default_teacher_layers,
@@ -25,7 +26,6 @@ from bertforge.train.distill_model import (
     init_student_from_teacher,
     kd_loss,
 )
-from bertforge.train.loop import TrainConfig
 
 
 def tiny(**overrides) -> BertConfig:
@@ -240,7 +240,7 @@ def test_cli_distill_runs_and_reports(shared_data, sst2_tokenizer, tmp_path, cap
     import argparse
 
     from bertforge.model.loading import save_model
-    from bertforge.train.sentence_cli import add_distill_arguments, run_distill
+    from bertforge.workflows.sentence_cli import add_distill_arguments, run_distill
 
     torch.manual_seed(0)
     teacher = BertForSequenceClassification(tiny(vocab_size=pad_vocab_size(sst2_tokenizer.vocab_size)), num_labels=2)

@@ -26,11 +26,11 @@ from bertforge.eval.metrics import TASK_METRICS, compute_task_metrics, squad_met
 from bertforge.model.bert import BertConfig, pad_vocab_size
 from bertforge.model.heads import BertForMaskedLM
 from bertforge.model.loading import load_model, save_model
-from bertforge.train import finetune
-from bertforge.train.evaluate import evaluate, predict
-from bertforge.train.finetune import ExampleBatches, load_finetune_config, main
-from bertforge.train.tasks import get_task_adapter, hub_to_file
 from bertforge.wordpiece import WordPieceTokenizer
+from bertforge.workflows import finetune
+from bertforge.workflows.evaluate import evaluate, predict
+from bertforge.workflows.finetune import ExampleBatches, load_finetune_config, main
+from bertforge.workflows.tasks import get_task_adapter, hub_to_file
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -251,7 +251,7 @@ def test_minilm_hf_directory(shared_data, tmp_path):
 
 
 def test_cli_functions(tiny_model, shared_data, tmp_path, capsys):
-    from bertforge.train import finetune_cli as fc
+    from bertforge.workflows import finetune_cli as fc
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
@@ -369,7 +369,7 @@ def test_bad_inputs_are_one_line_errors(case, tiny_model, shared_data, tmp_path)
 
 
 def test_truncation_note_names_the_limit_that_applies():
-    from bertforge.train.tasks import TaskSettings, truncation_note
+    from bertforge.workflows.tasks import TaskSettings, truncation_note
 
     s = TaskSettings(max_seq_length=128, max_query_length=32)
     assert truncation_note("rte", 3, "train", s) == (

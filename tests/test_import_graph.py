@@ -16,6 +16,7 @@ LAYERS = (
     ("data", ("data",)),
     ("model", ("model",)),
     ("train", ("train",)),
+    ("workflows", ("workflows",)),
     ("apps", ("api", "inference", "quickstart", "report", "report_runs", "report_plots", "inspect_mlm", "plan")),
     ("serve", ("serve",)),
     ("cli", ("", "__main__", "cli", "commands")),

@@ -163,7 +163,7 @@ def test_evaluate_mlm_command_refuses_bad_inputs(tiny_setup, tmp_path, capsys):
 
 def test_plateau_warning_on_a_deliberately_bad_config(tiny_setup, tmp_path, capsys):
     from bertforge.config import load_run_config
-    from bertforge.train.pretrain import PretrainRunConfig, main
+    from bertforge.workflows.pretrain import PretrainRunConfig, main
 
     cfg = load_run_config(PretrainRunConfig, overrides=[
         "model.preset=tiny", "model.max_position_embeddings=64", f"data.path={tiny_setup['data']}",
@@ -181,7 +181,7 @@ def test_plateau_warning_on_a_deliberately_bad_config(tiny_setup, tmp_path, caps
 def test_masking_schedule_moves_the_rate_over_the_budget(tiny_setup):
     from bertforge.data.dataset import PackedDataset
     from bertforge.data.masking import MaskingConfig, MLMCollator
-    from bertforge.train.pretrain import PretrainBatches
+    from bertforge.workflows.pretrain import PretrainBatches
 
     rows = PackedDataset(tiny_setup["data"], "train")
     cfg = MaskingConfig(mlm_probability=0.4, mlm_probability_final=0.1)

@@ -37,7 +37,7 @@ def test_wheel_installs_with_recipes_and_license(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, timeout=300)
     code = ("import bertforge, bertforge.config as c; print(bertforge.__file__); "
-            "print(c.load_run_config(__import__('bertforge.train.pretrain', fromlist=['x']).PretrainRunConfig, "
+            "print(c.load_run_config(__import__('bertforge.workflows.pretrain', fromlist=['x']).PretrainRunConfig, "
             "file='cpu-budget').model)")
     env = {**os.environ, "PYTHONPATH": str(site)}
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,

@@ -43,7 +43,7 @@ def losses(run: Path) -> dict[int, float]:
 def test_pretrain_loss_goes_down_and_saves_model(prepared, tmp_path):
     from bertforge.config import load_run_config
     from bertforge.model.loading import load_model
-    from bertforge.train.pretrain import PretrainRunConfig, main
+    from bertforge.workflows.pretrain import PretrainRunConfig, main
 
     cfg = load_run_config(PretrainRunConfig, file=Path(__file__).parents[1] / "configs" / "tiny-smoke.yaml",
                           overrides=[f"data.path={prepared}", f"train.output_dir={tmp_path / 'run'}",

@@ -13,7 +13,7 @@ import torch
 
 from bertforge.errors import BertforgeError
 from bertforge.train.loop import TrainConfig
-from bertforge.train.sentence import (
+from bertforge.workflows.sentence import (
     SentenceRunConfig,
     SentenceTrainingModel,
     calibrate_threshold,
@@ -22,7 +22,7 @@ from bertforge.train.sentence import (
     no_duplicate_batches,
     sts_eval,
 )
-from bertforge.train.sentence_losses import (
+from bertforge.workflows.sentence_losses import (
     CoSENTLoss,
     CosineSimilarityLoss,
     MultipleNegativesRankingLoss,
@@ -225,7 +225,7 @@ def minilm():
 def test_sts_eval_of_minilm_matches_sentence_transformers(shared_data, minilm):
     from scipy.stats import pearsonr, spearmanr
 
-    from bertforge.train.sentence import read_sts
+    from bertforge.workflows.sentence import read_sts
 
     (path, st), file = minilm, shared_data / "stsb" / "dev.tsv"
     ours = sts_eval(path, file, limit=300)
@@ -247,7 +247,7 @@ def test_losses_equal_sentence_transformers_on_minilm(shared_data, minilm):
         from sentence_transformers import losses
 
     from bertforge.model.folders import load_encoder
-    from bertforge.train.sentence import PairBatches, tokenize_texts, training_examples
+    from bertforge.workflows.sentence import PairBatches, tokenize_texts, training_examples
 
     path, st = minilm
     encoder, tokenizer = load_encoder(path)
@@ -287,7 +287,7 @@ def cli(add, run, argv: list[str]) -> int:
 
 
 def test_cli_sentence_train_and_sts_eval_with_calibration(shared_data, tiny_model_dir, tmp_path, capsys):
-    from bertforge.train.sentence_cli import (
+    from bertforge.workflows.sentence_cli import (
         add_sentence_train_arguments,
         add_sts_eval_arguments,
         run_sentence_train,

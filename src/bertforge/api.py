@@ -36,7 +36,7 @@ from bertforge.inspect_mlm import masked_predictions
 from bertforge.model.folders import load_checked
 from bertforge.model.loading import export_hf, save_model
 from bertforge.model.pooling import TOKENS_PER_BATCH, SentenceEncoder, plan_batches
-from bertforge.train.tasks import TaskSettings
+from bertforge.workflows.tasks import TaskSettings
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MLM_HEADS = ("masked_lm", "pretraining")

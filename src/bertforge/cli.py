@@ -23,8 +23,8 @@ from typing import NamedTuple
 
 from bertforge import __version__
 from bertforge.errors import BertforgeError
-from bertforge.train import finetune_cli as ft
-from bertforge.train import sentence_cli as st
+from bertforge.workflows import finetune_cli as ft
+from bertforge.workflows import sentence_cli as st
 
 EXIT_USAGE = 2
 OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+=")
@@ -300,7 +300,7 @@ COMMANDS: dict[str, Command] = {
         "  bertforge prepare wiki.txt.gz books.jsonl --text-field body --tokenizer tok/ --output data/nsp --mode nsp"),
     "pretrain": Command(
         "pretrain a BERT with MLM (NSP optional) on prepared shards; resumable, DDP via torchrun",
-        "bertforge.train.pretrain_cli:add_pretrain_arguments", "bertforge.train.pretrain_cli:run_pretrain",
+        "bertforge.workflows.pretrain_cli:add_pretrain_arguments", "bertforge.workflows.pretrain_cli:run_pretrain",
         "  bertforge pretrain --config configs/tiny-smoke.yaml --data data/shards --output runs/smoke\n"
         "  bertforge pretrain --config configs/cpu-budget.yaml --data data/shards --output runs/cpu --time-budget 1h\n"
         "  bertforge pretrain --config configs/cpu-budget.yaml --data data/shards --output runs/cpu --resume\n"
@@ -308,7 +308,7 @@ COMMANDS: dict[str, Command] = {
         "  torchrun --nproc_per_node 2 -m bertforge pretrain --config configs/gpu-budget.yaml --data d --output runs/gpu"),
     "sanity": Command(
         "can this setup overfit one batch? pass/fail with hints (learning rate, masking, labels)",
-        "bertforge.train.pretrain_cli:add_sanity_arguments", "bertforge.train.pretrain_cli:run_sanity",
+        "bertforge.workflows.pretrain_cli:add_sanity_arguments", "bertforge.workflows.pretrain_cli:run_sanity",
         "  bertforge sanity --data data/shards\n"
         "  bertforge sanity --config configs/cpu-budget.yaml --data data/shards optim.lr=1.0   # fails, says why"),
     "plan": Command(

@@ -136,7 +136,7 @@ def step_prepare(ctx: Context) -> str:
 
 def step_pretrain(ctx: Context) -> str:
     from bertforge.config import load_run_config
-    from bertforge.train.pretrain import PretrainRunConfig, main
+    from bertforge.workflows.pretrain import PretrainRunConfig, main
 
     cfg = load_run_config(PretrainRunConfig, overrides=[
         *RECIPE, f"model.preset={ctx.opts.preset}", f"model.max_position_embeddings={SEQ_LEN}",

@@ -2,7 +2,7 @@
 model directory without training.
 
 `score_split(adapter, model, examples, features, split, batch_size)` runs a task adapter (see
-`bertforge.train.tasks`) over featurized examples and returns the predictions and the official metrics
+`bertforge.workflows.tasks`) over featurized examples and returns the predictions and the official metrics
 with the split's suffix (`_matched` / `_mismatched` for MNLI). `main_score(metrics)` is the
 model-selection score: the mean of the official metrics.
 
@@ -26,7 +26,7 @@ from torch import nn
 
 from bertforge.data.mlm_eval import DEFAULT_MASK_RATE, EVAL_SEED, evaluate_mlm, pack_texts
 from bertforge.errors import require
-from bertforge.train.tasks import (
+from bertforge.workflows.tasks import (
     TaskAdapter,
     TaskSettings,
     canonical_split,

@@ -6,7 +6,7 @@ The CLI owner adds three rows to `cli.COMMANDS`:
     "evaluate": Command(EVALUATE_HELP, add_evaluate_arguments, run_evaluate, EVALUATE_EXAMPLES),
     "predict": Command(PREDICT_HELP, add_predict_arguments, run_predict, PREDICT_EXAMPLES),
 
-The work lives in `bertforge.train.finetune` (training) and `bertforge.train.evaluate` (evaluate,
+The work lives in `bertforge.workflows.finetune` (training) and `bertforge.workflows.evaluate` (evaluate,
 predict). Settings layer as: defaults <- `--protocol` <- `--config FILE` <- the flags below <- dotted
 `KEY=VALUE` overrides (any field of `FinetuneRunConfig`, e.g. `optim.weight_decay=0` or
 `data.max_train_examples=1000`).
@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from bertforge.errors import BertforgeError
-from bertforge.train.pretrain_cli import add_run_folder_arguments, run_folder_flags
+from bertforge.workflows.pretrain_cli import add_run_folder_arguments, run_folder_flags
 
 FINETUNE_HELP = "fine-tune a model on a GLUE / NLI, SQuAD or multiple-choice task"
 FINETUNE_EXAMPLES = """\
@@ -67,7 +67,7 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def finetune_config_from_args(args: argparse.Namespace):
-    from bertforge.train.finetune import load_finetune_config
+    from bertforge.workflows.finetune import load_finetune_config
 
     flags = {"task": args.task, "model": args.model, "data.path": args.data, "train.output_dir": args.output,
              "epochs": args.epochs, "optim.lr": args.lr, "train.batch_size": args.batch_size,
@@ -78,7 +78,7 @@ def finetune_config_from_args(args: argparse.Namespace):
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from bertforge.train.finetune import main
+    from bertforge.workflows.finetune import main
 
     cfg = finetune_config_from_args(args)
     result = main(cfg)
@@ -138,7 +138,7 @@ def _one_data(args: argparse.Namespace) -> str:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from bertforge.train.evaluate import evaluate, evaluate_mlm_data
+    from bertforge.workflows.evaluate import evaluate, evaluate_mlm_data
 
     if args.task == "mlm":
         from bertforge.data.mlm_eval import format_mlm_metrics
@@ -170,7 +170,7 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from bertforge.train.evaluate import predict
+    from bertforge.workflows.evaluate import predict
 
     result = predict(args.model, _one_data(args), args.output, split=args.split, task=args.task, device=args.device,
                      **_settings(args))

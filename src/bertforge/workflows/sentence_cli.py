@@ -1,7 +1,7 @@
 """`bertforge sentence-train`, `bertforge sts-eval`, `bertforge distill`: argument tables and runners.
 
 Rows in `cli.COMMANDS` point here; this module imports no torch at load time (fast `--help`).
-The work lives in `bertforge.train.sentence` and `bertforge.train.distill`. Settings layer as:
+The work lives in `bertforge.workflows.sentence` and `bertforge.workflows.distill`. Settings layer as:
 defaults <- `--config FILE` <- the flags below <- dotted `KEY=VALUE` overrides of any config field
 (e.g. `loss.scale=30` or `student.teacher_layers=[0,3]`).
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bertforge.train.pretrain_cli import add_run_folder_arguments, run_folder_flags
+from bertforge.workflows.pretrain_cli import add_run_folder_arguments, run_folder_flags
 
 SENTENCE_HELP = "train a sentence-embedding model (Sentence-BERT) on NLI or scored pairs"
 SENTENCE_EXAMPLES = """\
@@ -92,7 +92,7 @@ def add_sentence_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_sentence_train(args: argparse.Namespace) -> int:
-    from bertforge.train.sentence import SentenceRunConfig, main
+    from bertforge.workflows.sentence import SentenceRunConfig, main
 
     flags = {"model.path": args.model, "data.train": args.train, "loss.name": args.loss, "data.dev": args.dev,
              "model.pooling": args.pooling, "calibration.file": args.calibrate,
@@ -123,7 +123,7 @@ def add_sts_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_sts_eval(args: argparse.Namespace) -> int:
-    from bertforge.train.sentence import CalibrationConfig, calibrate_model, sts_eval
+    from bertforge.workflows.sentence import CalibrationConfig, calibrate_model, sts_eval
 
     result = sts_eval(args.model, args.data, limit=args.limit, batch_size=args.batch_size)
     if args.calibrate:
@@ -159,7 +159,7 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_distill(args: argparse.Namespace) -> int:
-    from bertforge.train.distill import DistillRunConfig, main
+    from bertforge.workflows.distill import DistillRunConfig, main
 
     flags = {"teacher": args.teacher, "data.path": args.data, "data.task": args.task,
              "data.mode": "mlm" if args.mlm else None, "student.preset": args.student_preset,

@@ -45,7 +45,7 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
 
 def resolve_config(args: argparse.Namespace):
     from bertforge.config import load_run_config
-    from bertforge.train.pretrain import PretrainRunConfig
+    from bertforge.workflows.pretrain import PretrainRunConfig
 
     extra = []
     if args.data:
@@ -63,7 +63,7 @@ def resolve_config(args: argparse.Namespace):
 
 def run_pretrain(args: argparse.Namespace) -> int:
     from bertforge.train import distributed as dist
-    from bertforge.train.pretrain import main
+    from bertforge.workflows.pretrain import main
 
     summary = main(resolve_config(args))
     if dist.launch_rank() == 0:
@@ -85,9 +85,9 @@ def run_sanity(args: argparse.Namespace) -> int:
     from bertforge.data.masking import MLMCollator
     from bertforge.errors import BertforgeError
     from bertforge.model.heads import BertForMaskedLM
-    from bertforge.train.pretrain import build_model_config, data_tokenizer_path
-    from bertforge.train.sanity import run_sanity as run
     from bertforge.wordpiece import WordPieceTokenizer
+    from bertforge.workflows.pretrain import build_model_config, data_tokenizer_path
+    from bertforge.workflows.sanity import run_sanity as run
 
     cfg = resolve_config(args)
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):

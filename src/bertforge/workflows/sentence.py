@@ -1,7 +1,7 @@
 """Sentence-BERT: train a bi-encoder (`SentenceEncoder`: BertModel -> pooling -> optional normalize),
 evaluate it on STS, calibrate a similar / not-similar threshold, export it for sentence-transformers.
 
-The losses (softmax, mnrl, cosent, cosine) live in `bertforge.train.sentence_losses`.
+The losses (softmax, mnrl, cosent, cosine) live in `bertforge.workflows.sentence_losses`.
 
 `SentenceTrainingModel(encoder, loss)` runs every column of a batch through the encoder in one pass
 and returns an object with `.loss`, which is what `bertforge.train.loop.Trainer` steps.
@@ -33,7 +33,7 @@ from bertforge.eval.metrics import pearson, spearman
 from bertforge.train.faults import stopped_early
 from bertforge.train.loop import TrainConfig, Trainer, seed_everything
 from bertforge.train.optim import OptimConfig, build_optimizer, build_schedule
-from bertforge.train.sentence_losses import LOSSES, build_loss
+from bertforge.workflows.sentence_losses import LOSSES, build_loss
 
 NLI_LOSSES = ("softmax", "mnrl")
 THRESHOLD_FILE = "similarity_threshold.json"

@@ -40,15 +40,15 @@ from bertforge.config import config_to_dict, parse_duration
 from bertforge.data.masking import IGNORE_INDEX, MaskingConfig
 from bertforge.errors import require
 from bertforge.model.bert import BertConfig
-from bertforge.train.distill_model import (
+from bertforge.train.faults import stopped_early
+from bertforge.train.loop import TrainConfig, Trainer, seed_everything
+from bertforge.train.optim import OptimConfig, build_optimizer, build_schedule
+from bertforge.workflows.distill_model import (
     DistillationModel,
     DistillLossConfig,
     init_student_from_teacher,
     kd_loss,
 )
-from bertforge.train.faults import stopped_early
-from bertforge.train.loop import TrainConfig, Trainer, seed_everything
-from bertforge.train.optim import OptimConfig, build_optimizer, build_schedule
 
 MODES = ("task", "mlm")
 
@@ -242,7 +242,7 @@ def _task_data(cfg: DistillRunConfig, tokenizer, max_len: int):
 def _mlm_data(cfg: DistillRunConfig, tokenizer):
     from bertforge.data.dataset import PackedDataset
     from bertforge.data.masking import MLMCollator
-    from bertforge.train.pretrain import PretrainBatches
+    from bertforge.workflows.pretrain import PretrainBatches
 
     root, fingerprint = Path(cfg.data.path), tokenizer.fingerprint()
     rows = PackedDataset(root, "train", fingerprint=fingerprint)

@@ -19,7 +19,7 @@ official `predictions.json`). MNLI has two evaluation sets; their metrics and fi
 suffixes `_matched` / `_mismatched`. The model-selection score is the mean of the official metrics.
 
 `hub_to_file` writes `hub:` rows of SQuAD / SWAG / ARC / WinoGrande in the task's official file format.
-Scoring a split and running a fine-tuned model directory live in `bertforge.train.evaluate`.
+Scoring a split and running a fine-tuned model directory live in `bertforge.workflows.evaluate`.
 """
 
 from __future__ import annotations

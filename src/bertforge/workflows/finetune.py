@@ -3,7 +3,7 @@
     cfg = load_finetune_config(overrides=["task=rte", "model=path/to/bert", "data.path=data/rte"])
     metrics = main(cfg)
 
-Tasks differ by their adapter (`bertforge.train.tasks`): head, reader, featurizer, collate,
+Tasks differ by their adapter (`bertforge.workflows.tasks`): head, reader, featurizer, collate,
 metric and prediction file. Everything else is shared: the model comes from `load_model` (our
 checkpoint, an HF BERT or a sentence-transformers directory) with the task's head; `ExampleBatches`
 shuffles the training features per epoch from (seed, epoch), groups them by length (features of
@@ -42,11 +42,11 @@ from torch import nn
 from bertforge import config as conf
 from bertforge.errors import require
 from bertforge.train import distributed as dist
-from bertforge.train.evaluate import main_score, score_split
 from bertforge.train.faults import stopped_early
 from bertforge.train.loop import TrainConfig, Trainer, seed_everything
 from bertforge.train.optim import OptimConfig, build_optimizer, build_schedule
-from bertforge.train.tasks import TaskAdapter, TaskSettings, get_task_adapter, truncation_note
+from bertforge.workflows.evaluate import main_score, score_split
+from bertforge.workflows.tasks import TaskAdapter, TaskSettings, get_task_adapter, truncation_note
 
 PROTOCOLS: dict[str, dict] = {
     "glue-sane": {"epochs": 5, "seeds": 5, "select": "last", "train": {"batch_size": 16},

@@ -1,5 +1,5 @@
 """The distillation model and its loss: `DistillationModel` wraps a trainable student and a frozen
-teacher and returns the loss described in `bertforge.train.distill` (soft KL at temperature T, the
+teacher and returns the loss described in `bertforge.workflows.distill` (soft KL at temperature T, the
 student's hard loss, optional hidden-state MSE or cosine); `init_student_from_teacher` copies the
 teacher's embeddings, evenly spaced layers and matching heads into the student.
 """
