@@ -26,8 +26,9 @@ from bertforge.data.masking import MLMCollator
 from bertforge.data.mlm_eval import evaluate_mlm
 from bertforge.model.heads import BertForMaskedLM
 from bertforge.model.hf_compat import config_to_hf, to_hf_state_dict
-from bertforge.train.loop import Trainer, seed_everything
+from bertforge.train.loop import Trainer
 from bertforge.train.optim import build_optimizer, build_schedule
+from bertforge.train.settings import seed_everything
 from bertforge.wordpiece import WordPieceTokenizer
 from bertforge.workflows.pretrain import (
     PretrainBatches,

@@ -16,7 +16,7 @@ from bertforge.data.masking import MaskingConfig, MLMCollator
 from bertforge.errors import BertforgeError
 from bertforge.model.bert import BertConfig, pad_vocab_size
 from bertforge.model.heads import BertForMaskedLM, BertForSequenceClassification
-from bertforge.train.loop import TrainConfig
+from bertforge.train.settings import TrainConfig
 from bertforge.workflows.distill import DistillRunConfig, evaluate_distill, main
 from bertforge.workflows.distill_model import (
     DistillationModel,

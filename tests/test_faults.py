@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from bertforge.cli import main as cli_main
-from bertforge.train.loop import TrainConfig, Trainer
+from bertforge.train.loop import Trainer
+from bertforge.train.settings import TrainConfig
 
 TINY = ["model.preset=tiny", "model.max_position_embeddings=64", "model.hidden_dropout_prob=0",
         "model.attention_probs_dropout_prob=0", "train.progress=false", "train.log_every=1", "train.batch_size=8",

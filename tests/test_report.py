@@ -169,7 +169,8 @@ def test_report_reads_what_the_trainer_writes(tmp_path):
 
     from bertforge.model.bert import BertConfig
     from bertforge.model.heads import BertForMaskedLM
-    from bertforge.train.loop import TrainConfig, Trainer
+    from bertforge.train.loop import Trainer
+    from bertforge.train.settings import TrainConfig
 
     torch.manual_seed(0)
     model = BertForMaskedLM(BertConfig.from_preset("tiny"))

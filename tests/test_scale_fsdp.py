@@ -121,7 +121,7 @@ def test_fsdp_two_processes_equal_one_process_and_resume_after_kill(prepared, tm
 
 def test_fsdp_checkpoint_is_refused_without_fsdp_and_bad_values_are_errors(prepared, tmp_path):
     from bertforge.errors import BertforgeError
-    from bertforge.train.loop import TrainConfig
+    from bertforge.train.settings import TrainConfig
 
     with pytest.raises(BertforgeError, match="train.parallel 'zero3'"):
         TrainConfig(parallel="zero3", max_steps=1).validate()

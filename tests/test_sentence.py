@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bertforge.errors import BertforgeError
-from bertforge.train.loop import TrainConfig
+from bertforge.train.settings import TrainConfig
 from bertforge.workflows.sentence import (
     SentenceRunConfig,
     SentenceTrainingModel,

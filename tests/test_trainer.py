@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from bertforge.errors import BertforgeError
-from bertforge.train.loop import TrainConfig, Trainer
+from bertforge.train.loop import Trainer
 from bertforge.train.optim import batch_size_at
+from bertforge.train.settings import TrainConfig
 
 
 class ToyRegression(nn.Module):

@@ -18,132 +18,29 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
 import signal as signal_mod
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from bertforge.atomic import atomic_write_text
 from bertforge.errors import BertforgeError
 from bertforge.train import distributed as dist
 from bertforge.train import faults
-from bertforge.train.checkpoint import STATE_FILE, CheckpointManager
+from bertforge.train.checkpoint import CheckpointManager
 from bertforge.train.optim import batch_size_at
-
-PRECISIONS = ("fp32", "bf16", "fp16")
-PARALLELS = ("ddp", "fsdp")
-
-
-@dataclass
-class TrainConfig:
-    output_dir: str = "runs/run"
-    batch_size: int = 32  # per process, per micro-batch
-    grad_accum: int = 1
-    # Batch-size ramp (optional): the effective batch per process (batch_size x micro-batches) grows
-    # linearly from batch_ramp_start to batch_size * grad_accum over the first batch_ramp share of the
-    # budget, in whole micro-batches. The micro-batch stays fixed, so the data position stays exact.
-    batch_ramp_start: int = 0  # 0 = no ramp; else a multiple of batch_size, <= batch_size * grad_accum
-    batch_ramp: float = 0.0  # share of the budget (steps, tokens or time) spent ramping
-    max_steps: int | None = None  # optimizer steps
-    max_tokens: int | None = None  # non-padding tokens seen, all processes
-    time_budget: str | None = None  # wall clock, e.g. "1h", "45m"
-    precision: str = "fp32"  # fp32 | bf16 (autocast, CPU/CUDA) | fp16 (autocast + GradScaler, CUDA)
-    compile: bool = False
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    parallel: str = "ddp"  # under torchrun: ddp (replicated) | fsdp (FSDP2, sharded; train/fsdp.py)
-    dist_timeout_minutes: float = 30.0  # under torchrun: a collective waiting longer fails the run
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 0  # steps; 0 = only at the end
-    eval_every_minutes: float = 0.0
-    save_every: int = 0  # steps; 0 = only at the end
-    save_every_minutes: float = 0.0
-    keep_last: int = 2
-    best_metric: str = "eval_loss"
-    greater_is_better: bool = False
-    resume: bool = False
-    resume_from: str | None = None  # a checkpoint folder (or a run folder) to resume from; implies resume
-    overwrite: bool = False  # start over in a folder that holds an earlier run (its files are deleted)
-    loss_threshold: float | None = None  # stop if train loss stays above it ...
-    loss_threshold_after: float = 0.25  # ... once this share of the budget is spent
-    plateau_warn_after: float = 0.3  # warn once if the loss is still on the unigram plateau by then (0 = off)
-    progress: bool = True
-    tensorboard: bool = False
-
-    def validate(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise BertforgeError(f"train.precision '{self.precision}': use one of {', '.join(PRECISIONS)}")
-        if self.max_steps is None and self.max_tokens is None and self.time_budget is None:
-            raise BertforgeError("no stopping rule: set train.max_steps, train.max_tokens or train.time_budget")
-        if not self.dist_timeout_minutes > 0:
-            raise BertforgeError(f"train.dist_timeout_minutes={self.dist_timeout_minutes}: give a positive number "
-                                 "of minutes, e.g. 30")
-        if self.parallel not in PARALLELS:
-            raise BertforgeError(f"train.parallel '{self.parallel}': use one of {', '.join(PARALLELS)}")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise BertforgeError("train.batch_size and train.grad_accum must be at least 1")
-        if self.batch_ramp_start:
-            final = self.batch_size * self.grad_accum
-            if self.batch_ramp_start % self.batch_size or not 0 < self.batch_ramp_start <= final:
-                raise BertforgeError(f"train.batch_ramp_start={self.batch_ramp_start}: use a multiple of "
-                                     f"train.batch_size={self.batch_size} up to batch_size * grad_accum = {final}")
-            if not 0.0 < self.batch_ramp <= 1.0:
-                raise BertforgeError(f"train.batch_ramp={self.batch_ramp}: give the share of the budget to ramp "
-                                     "over, in (0, 1], e.g. 0.1")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if dist.is_distributed() and torch.cuda.is_available():
-            return torch.device("cuda", dist.local_rank())
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BertforgeError(f"device '{name}' requested but CUDA is not available: use train.device=cpu")
-    return device
-
-
-def rng_state() -> dict:
-    """Every generator's state in types `torch.load(weights_only=True)` reads (no numpy arrays)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    numpy = state["numpy"]
-    if isinstance(numpy, dict):
-        numpy = (numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
-                 numpy["cached_gaussian"])
-    np.random.set_state(numpy)
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+from bertforge.train.resume import RunState
+from bertforge.train.settings import TrainConfig, resolve_device
 
 
 def signal_name(signum: int) -> str:
     return signal_mod.Signals(signum).name if signum else "a signal"
 
 
-class Trainer:
+class Trainer(RunState):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, batches: Any,
                  cfg: TrainConfig, *, evaluate: Callable[[nn.Module], dict] | None = None,
                  save_model: Callable[[nn.Module, Path], None] | None = None, run_config: dict | None = None,
@@ -210,119 +107,6 @@ class Trainer:
         from bertforge.train import fsdp
 
         return fsdp.is_sharded(self.model)
-
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **self.progress_state()}
-
-    def progress_state(self) -> dict:
-        """Everything but the model and optimizer: schedule, scaler, counters, data position, RNG, config."""
-        return {
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self.scaler.state_dict(),
-            "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed, "best": self.best,
-            "batches": self.batches.state_dict(),
-            "rng": rng_state(),
-            "config": self.run_config,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.load_progress_state(state)
-
-    def load_progress_state(self, state: dict) -> None:
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step, self.tokens, self.elapsed, self.best = state["step"], state["tokens"], state["elapsed"], state["best"]
-        self.batches.load_state_dict(state["batches"])
-        set_rng_state(state["rng"])
-
-    def start(self) -> bool:
-        """Check the run folder, resume when asked, then write config.json; True if resumed. Nothing in the
-        folder is written before the checks pass (faults.check_run_folder, faults.check_resume_config)."""
-        resuming = self.cfg.resume or bool(self.cfg.resume_from)
-        faults.check_run_folder(self.out, resuming, self.cfg.overwrite)
-        dist.barrier()
-        resumed = self.maybe_resume() if resuming else False
-        if dist.is_main():
-            atomic_write_text(self.out / "config.json", json.dumps(self.run_config, indent=2, default=str) + "\n")
-            if resuming:  # records logged after the checkpoint (or all, when none was found) are redone
-                faults.trim_metrics(self.out / "metrics.jsonl", self.step)
-        return resumed
-
-    def resume_candidates(self) -> list[Path]:
-        """Checkpoints to try, best first: `resume_from` (a checkpoint, or a run folder's), else this run's."""
-        if not self.cfg.resume_from:
-            return self.ckpt.candidates()
-        given = Path(self.cfg.resume_from)
-        if (given / STATE_FILE).is_file():
-            return [given]
-        for root in (given / "checkpoints", given):
-            found = CheckpointManager(root).candidates() if root.is_dir() else []
-            if found:
-                return found
-        raise BertforgeError(f"--resume-from '{given}' is not a checkpoint (no {STATE_FILE}) nor a run folder with "
-                             "checkpoints: pass e.g. runs/x/checkpoints/step_00001000")
-
-    def maybe_resume(self) -> bool:
-        """Load the newest checkpoint that reads (a damaged one is skipped with a note); True if resumed."""
-        candidates = self.resume_candidates()
-        if not candidates:
-            dist.print0(f"resume: no checkpoint in {self.ckpt.root}, starting fresh")
-            return False
-        for i, path in enumerate(candidates):
-            if self.sharded:  # every process reads its shards together: no fallback, the error names the way out
-                from bertforge.train import fsdp
-
-                fsdp.load_checkpoint(self, path)
-                break
-            try:
-                state = self.ckpt.load(path)
-            except BertforgeError as exc:
-                if i + 1 == len(candidates):
-                    raise
-                dist.print0(f"warning: {exc}; trying {candidates[i + 1].name}")
-                continue
-            if state.get("sharded"):
-                raise BertforgeError(f"checkpoint '{path}' holds FSDP shards: resume it with train.parallel=fsdp "
-                                     f"and the same number of processes")
-            faults.check_resume_config(state.get("config"), self.run_config, path)
-            self.load_state_dict(state)
-            break
-        dist.print0(f"resumed from {path} at step {self.step} ({self.elapsed:.0f}s of budget used)")
-        return True
-
-    def save_checkpoint(self, is_best: bool = False) -> Path | None:
-        """Write a checkpoint (rank 0; every rank under FSDP); returns its folder on rank 0. Every rank calls
-        it. Non-finite weights are never saved: `self.diverged` is set instead and nothing is written."""
-        if not faults.weights_finite(self.model, self.device):
-            self.diverged = True
-            return None
-        if self.sharded:
-            from bertforge.train import fsdp
-
-            return fsdp.save_checkpoint(self, is_best)
-        path = None
-        if dist.is_main():
-            def write_model(d: Path) -> None:
-                if self.save_model_fn is not None:
-                    self.save_model_fn(self.model, d)
-
-            path = self.ckpt.save(self.step, self.state_dict(), write_model, is_best=is_best)
-        dist.barrier()  # no process runs ahead of a checkpoint that may still fail
-        return path
-
-    def save_model(self, directory: Path) -> None:
-        """The final model through `save_model` (rank 0; gathered from every rank under FSDP)."""
-        if self.save_model_fn is None:
-            return
-        if self.sharded:
-            from bertforge.train import fsdp
-
-            fsdp.save_consolidated(self.model, Path(directory), self.save_model_fn)
-        elif dist.is_main():
-            self.save_model_fn(self.model, Path(directory))
 
     # ---------------------------------------------------------------- budget
     def progress(self) -> float:

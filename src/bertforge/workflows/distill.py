@@ -41,8 +41,9 @@ from bertforge.data.masking import IGNORE_INDEX, MaskingConfig
 from bertforge.errors import require
 from bertforge.model.bert import BertConfig
 from bertforge.train.faults import stopped_early
-from bertforge.train.loop import TrainConfig, Trainer, seed_everything
+from bertforge.train.loop import Trainer
 from bertforge.train.optim import OptimConfig, build_optimizer, build_schedule
+from bertforge.train.settings import TrainConfig, seed_everything
 from bertforge.workflows.distill_model import (
     DistillationModel,
     DistillLossConfig,

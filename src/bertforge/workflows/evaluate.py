@@ -58,7 +58,7 @@ def main_score(metrics: dict[str, float]) -> float:
 
 def _load_finetuned(model_dir: str | Path, task: str | None, device: str):
     from bertforge.model.loading import load_model
-    from bertforge.train.loop import resolve_device
+    from bertforge.train.settings import resolve_device
 
     loaded = load_model(model_dir)
     task = task or loaded.meta.get("task")
@@ -142,7 +142,7 @@ def evaluate_mlm_data(model_dir: str | Path, data: list[str], *, split: str = "v
     from bertforge.data.corpus import iter_documents
     from bertforge.data.dataset import PackedDataset
     from bertforge.model.loading import load_model
-    from bertforge.train.loop import resolve_device
+    from bertforge.train.settings import resolve_device
 
     require(0 < mask_rate < 1, f"--mask-rate {mask_rate} is out of range: pass a value in (0, 1), e.g. 0.15")
     require(max_rows is None or max_rows >= 1, f"--max-rows {max_rows}: pass 1 or more, or leave it out for all rows")

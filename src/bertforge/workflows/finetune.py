@@ -43,8 +43,9 @@ from bertforge import config as conf
 from bertforge.errors import require
 from bertforge.train import distributed as dist
 from bertforge.train.faults import stopped_early
-from bertforge.train.loop import TrainConfig, Trainer, seed_everything
+from bertforge.train.loop import Trainer
 from bertforge.train.optim import OptimConfig, build_optimizer, build_schedule
+from bertforge.train.settings import TrainConfig, seed_everything
 from bertforge.workflows.evaluate import main_score, score_split
 from bertforge.workflows.tasks import TaskAdapter, TaskSettings, get_task_adapter, truncation_note
 

@@ -22,8 +22,9 @@ from bertforge.data.mlm_eval import evaluate_mlm, unigram_loss
 from bertforge.errors import BertforgeError
 from bertforge.model.bert import BertConfig, pad_vocab_size
 from bertforge.train import distributed as dist
-from bertforge.train.loop import TrainConfig, Trainer, seed_everything
+from bertforge.train.loop import Trainer
 from bertforge.train.optim import OptimConfig, build_optimizer, build_schedule
+from bertforge.train.settings import TrainConfig, seed_everything
 
 
 @dataclass

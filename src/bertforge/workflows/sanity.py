@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from bertforge.data.masking import IGNORE_INDEX, MLMCollator
-from bertforge.train.loop import seed_everything
 from bertforge.train.optim import build_optimizer
+from bertforge.train.settings import seed_everything
 
 
 @dataclass

@@ -31,8 +31,9 @@ from bertforge.config import config_to_dict, parse_duration
 from bertforge.errors import require
 from bertforge.eval.metrics import pearson, spearman
 from bertforge.train.faults import stopped_early
-from bertforge.train.loop import TrainConfig, Trainer, seed_everything
+from bertforge.train.loop import Trainer
 from bertforge.train.optim import OptimConfig, build_optimizer, build_schedule
+from bertforge.train.settings import TrainConfig, seed_everything
 from bertforge.workflows.sentence_losses import LOSSES, build_loss
 
 NLI_LOSSES = ("softmax", "mnrl")
