@@ -132,6 +132,7 @@ def test_damaged_newest_checkpoint_is_skipped_and_resume_from(prepared, tmp_path
     assert cli_main(args) == 0
     reference = losses(run)
     newest = run / "checkpoints" / "step_00000004" / "state.pt"
+    assert torch.load(newest, weights_only=True)["model"] is None  # the weights are stored once, in model/
     newest.write_bytes(newest.read_bytes()[:1000])  # a truncated copy
     capsys.readouterr()
     assert cli_main([*args, "--resume"]) == 0
@@ -139,14 +140,22 @@ def test_damaged_newest_checkpoint_is_skipped_and_resume_from(prepared, tmp_path
     assert "step_00000004" in out and "trying step_00000002" in out and "at step 2" in out
     assert losses(run) == reference and steps(run) == [1, 2, 3, 4]
     # a newest checkpoint holding NaN weights (written by something else) is never chosen either
-    state = torch.load(newest, weights_only=True)
-    state["model"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
-                      for k, v in state["model"].items()}
-    torch.save(state, newest)
+    from safetensors.torch import save_file
+
+    folder = run / "checkpoints" / "step_00000004" / "model" / "model.safetensors"
+    save_file({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+               for k, v in load_file(folder).items()}, folder)
     capsys.readouterr()
     assert cli_main([*args, "--resume"]) == 0
     out = capsys.readouterr().out
     assert "non-finite weights" in out and "trying step_00000002" in out and "at step 2" in out
+    assert losses(run) == reference
+    # ... and one whose model folder (where its weights are) is damaged
+    weights = run / "checkpoints" / "step_00000004" / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    assert cli_main([*args, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "unreadable model folder" in out and "trying step_00000002" in out and "at step 2" in out
     assert losses(run) == reference
     # --resume-from another run's checkpoint, into a new folder
     other = tmp_path / "other"

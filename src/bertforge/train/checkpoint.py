@@ -1,5 +1,8 @@
 """Atomic checkpoints: write into a temporary sibling, fsync, rename. Keep the last N plus the best.
 
+The weights are stored once: when the caller can read them back from the checkpoint's `model/` folder
+(`Trainer(load_weights=...)`, pretraining and fine-tuning), `state.pt` holds `"model": None`.
+
 Layout of a run directory:
 
     run/
@@ -132,11 +135,25 @@ class CheckpointManager:
             if d.name not in keep:
                 shutil.rmtree(d, ignore_errors=True)
 
-    def load(self, path: Path | None = None) -> dict:
+    def load(self, path: Path | None = None, weights_from=None) -> dict:
+        """The state of checkpoint `path` (default: the latest). A state saved without its weights
+        (`"model": None`, they are in `path/model/` once) gets them from `weights_from(path / "model")`.
+        Unreadable states, missing weights and non-finite weights are one-line errors."""
         path = path or self.latest()
         if path is None:
             raise BertforgeError(f"no checkpoint found in '{self.root}': start without --resume or point to a run directory")
         state = load_state(path / STATE_FILE)
+        if state.get("model", {}) is None:
+            if weights_from is None:
+                raise BertforgeError(f"checkpoint '{path}' keeps its weights in its model folder, which this run "
+                                     "cannot read back: resume it with the command that wrote it")
+            try:
+                state["model"] = weights_from(path / "model")
+            except BertforgeError as e:
+                raise BertforgeError(f"checkpoint '{path}' has an unreadable model folder ({e})") from None
+            except (OSError, RuntimeError, ValueError, KeyError) as e:
+                raise BertforgeError(f"checkpoint '{path}' has an unreadable model folder ({type(e).__name__}: "
+                                     "truncated or damaged)") from None
         weights = state.get("model") or {}
         if not all(torch.isfinite(t).all() for t in weights.values() if torch.is_tensor(t) and t.is_floating_point()):
             raise BertforgeError(f"checkpoint '{path}' holds non-finite weights (NaN or inf): resume from an earlier "

@@ -17,10 +17,13 @@ from bertforge.train.settings import rng_state, set_rng_state
 
 class RunState:
     """Checkpoint and run-folder methods of `Trainer`; they use its model, optimizer, scheduler, scaler,
-    batches, counters, `cfg`, `out`, `ckpt`, `run_config`, `save_model_fn` and `sharded`."""
+    batches, counters, `cfg`, `out`, `ckpt`, `run_config`, `save_model_fn`, `load_weights_fn` and `sharded`."""
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **self.progress_state()}
+        """Model (None when the checkpoint's model/ folder holds it and `load_weights_fn` reads it back),
+        optimizer and progress."""
+        weights = None if self.load_weights_fn is not None and self.save_model_fn is not None else self.model.state_dict()
+        return {"model": weights, "optimizer": self.optimizer.state_dict(), **self.progress_state()}
 
     def progress_state(self) -> dict:
         """Everything but the model and optimizer: schedule, scaler, counters, data position, RNG, config."""
@@ -86,7 +89,7 @@ class RunState:
                 fsdp.load_checkpoint(self, path)
                 break
             try:
-                state = self.ckpt.load(path)
+                state = self.ckpt.load(path, weights_from=self.load_weights_fn)
             except BertforgeError as exc:
                 if i + 1 == len(candidates):
                     raise

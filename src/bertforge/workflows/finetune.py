@@ -41,6 +41,7 @@ from torch import nn
 
 from bertforge import config as conf
 from bertforge.errors import require
+from bertforge.model.loading import load_model
 from bertforge.train import distributed as dist
 from bertforge.train.faults import stopped_early
 from bertforge.train.loop import Trainer
@@ -209,7 +210,6 @@ def load_splits(cfg: FinetuneRunConfig, adapter: TaskAdapter) -> tuple[list, dic
 
 
 def _load(cfg: FinetuneRunConfig, adapter: TaskAdapter, settings: TaskSettings):
-    from bertforge.model.loading import load_model
     from bertforge.wordpiece import WordPieceTokenizer
 
     loaded = load_model(cfg.model, head=adapter.head, num_labels=adapter.num_labels)
@@ -277,6 +277,7 @@ def run_one(cfg: FinetuneRunConfig) -> dict:
 
     run_config = {**conf.config_to_dict(cfg), "train": asdict(train_cfg), "steps_per_epoch": per_epoch}
     trainer = Trainer(model, optimizer, scheduler, batches, train_cfg, evaluate=evaluate, save_model=write_model,
+                      load_weights=lambda d: load_model(d).model.state_dict(),
                       run_config=run_config, clip_grad_norm=cfg.optim.clip_grad_norm or None)
     trainer.start()
     summary = trainer.fit()
@@ -299,9 +300,7 @@ def _score_kept(model: nn.Module, kept: Path | None, adapter: TaskAdapter, evals
     """Load the kept checkpoint's weights (None: keep the final ones), score every evaluation split and
     write its predictions."""
     if kept is not None:
-        from bertforge.model.loading import load_model
-
-        model.load_state_dict(load_model(kept / "model").model.state_dict())  # any folder layout save_model writes
+            model.load_state_dict(load_model(kept / "model").model.state_dict())  # any folder layout save_model writes
     model.eval()
     metrics: dict[str, float] = {}
     with torch.no_grad():

@@ -110,7 +110,7 @@ def main(cfg: PretrainRunConfig) -> dict:
     """Pretrain as configured; returns the final metrics. Writes the run directory (see checkpoint.py)."""
     from bertforge.data.dataset import PackedDataset
     from bertforge.model.heads import BertForMaskedLM, BertForPreTraining
-    from bertforge.model.loading import save_model
+    from bertforge.model.loading import load_model, save_model
     from bertforge.wordpiece import WordPieceTokenizer
 
     dist.init_distributed(cfg.train.dist_timeout_minutes)
@@ -166,6 +166,7 @@ def main(cfg: PretrainRunConfig) -> dict:
 
     trainer = Trainer(model, optimizer, scheduler, batches, cfg.train, evaluate=evaluate,
                       save_model=write_model, run_config=run_config,
+                      load_weights=lambda d: load_model(d).model.state_dict(),
                       clip_grad_norm=cfg.optim.clip_grad_norm or None, supports_fsdp=True,
                       plateau_level=unigram_loss(train_rows, tokenizer) if not nsp else None)
     out = Path(cfg.train.output_dir)
