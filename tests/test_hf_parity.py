@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+from tiny import tiny_config as tiny
 from transformers.utils import logging as hf_logging
 
 from bertforge.errors import BertforgeError
@@ -38,8 +39,6 @@ CASES = [("base", None), ("pretraining", None), ("masked_lm", None), ("sequence_
 BAD_LOG = ("newly initialized", "not used", "MISSING", "UNEXPECTED", "MISMATCH", "LOAD REPORT")
 
 
-def tiny() -> BertConfig:
-    return BertConfig.from_preset("tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def perturb(model: torch.nn.Module, seed: int) -> None:

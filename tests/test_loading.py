@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny import tiny_config as tiny
 
 from bertforge.errors import BertforgeError
 from bertforge.model import loading
@@ -25,8 +26,6 @@ CASES = [("base", None), ("pretraining", None), ("masked_lm", None), ("sequence_
          ("sequence_classification", 1), ("question_answering", None), ("multiple_choice", None)]
 
 
-def tiny(**overrides) -> BertConfig:
-    return BertConfig.from_preset("tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **overrides)
 
 
 def tokenizer(n_extra: int = 0) -> WordPieceTokenizer:

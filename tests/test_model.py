@@ -8,6 +8,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import tiny_config as tiny
 
 from bertforge.errors import BertforgeError
 from bertforge.model.bert import PRESETS, BertConfig, BertModel
@@ -18,8 +19,6 @@ TOL = 1e-5
 SWITCHES = list(itertools.product(["post", "pre"], [True, False], ["mlp", "geglu"]))
 
 
-def tiny(**overrides) -> BertConfig:
-    return BertConfig.from_preset("tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **overrides)
 
 
 def randomized(config: BertConfig, seed: int = 0) -> BertModel:

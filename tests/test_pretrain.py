@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import TINY_PRETRAIN
 
 from bertforge.cli import main as cli_main
 
-TINY = ["model.preset=tiny", "model.max_position_embeddings=64", "model.hidden_dropout_prob=0",
-        "model.attention_probs_dropout_prob=0", "train.progress=false", "train.log_every=1"]
+TINY = TINY_PRETRAIN
 
 
 def env() -> dict:

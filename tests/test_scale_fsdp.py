@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import TINY_STEADY
 
-TINY = ["model.preset=tiny", "model.max_position_embeddings=64", "model.hidden_dropout_prob=0",
-        "model.attention_probs_dropout_prob=0", "train.progress=false", "train.log_every=1", "train.batch_size=8",
-        "train.eval_every=0", "optim.lr=1e-3", "optim.warmup_steps=0", "optim.schedule=constant"]
+TINY = TINY_STEADY
 
 
 def env() -> dict:
