@@ -3,7 +3,8 @@ sentences through `bertforge embed`'s encoder and `SentenceTransformer.encode`, 
 
 1. `bertforge serve minilm=all-MiniLM-L6-v2 --threads T` starts in a subprocess on a free 127.0.0.1 port.
 2. Idle latency: `--idle-requests` sequential requests of one short text to `/v1/embeddings` (p50, p99).
-3. Load: `--clients` concurrent clients (one asyncio process, one keep-alive connection each) send the
+3. Load: `--clients` concurrent clients (one asyncio process, one keep-alive HTTP/1.1 connection each, a
+   lean hand-written client so that the load generator takes little of the cores it shares) send the
    first `--sentences` unique STS-B sentences (dev then train), `--per-request` per request, base64 (the
    openai client's default), until every sentence is sent or `--max-seconds` pass. Reported:
    sentences/s over the wall time, per-request latency p50/p99, and the server's peak RSS (sampled
@@ -119,6 +120,19 @@ def idle_latency(url: str, n: int) -> list[float]:
     return times
 
 
+async def post_json(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, path: str,
+                    body: bytes) -> tuple[int, bytes]:
+    """One HTTP/1.1 POST on a kept-alive connection -> (status, body). The load generator shares the two
+    cores with the server, so it is kept lean: no client library, Content-Length framing only."""
+    writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (path.encode(), host.encode(), len(body), body))
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    return status, await reader.readexactly(length)
+
+
 async def load_run(url: str, texts: list[str], clients: int, per_request: int, max_seconds: float):
     """(wall seconds, latencies, embeddings by sentence index, sentences sent)."""
     chunks = [list(range(i, min(i + per_request, len(texts)))) for i in range(0, len(texts), per_request)]
@@ -128,24 +142,30 @@ async def load_run(url: str, texts: list[str], clients: int, per_request: int, m
     latencies: list[float] = []
     vectors: dict[int, np.ndarray] = {}
     deadline = time.perf_counter() + max_seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    host, port = url.removeprefix("http://").split(":")
 
-    async def client(http: httpx.AsyncClient) -> None:
-        while time.perf_counter() < deadline and not queue.empty():
-            idx = queue.get_nowait()
-            start = time.perf_counter()
-            r = await http.post(f"{url}/v1/embeddings", json={"model": "minilm", "encoding_format": "base64",
-                                                              "input": [texts[i] for i in idx]})
-            latencies.append(time.perf_counter() - start)
-            r.raise_for_status()
-            for i, d in zip(idx, r.json()["data"]):
-                vectors[i] = np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4")
+    async def client() -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            while time.perf_counter() < deadline and not queue.empty():
+                idx = queue.get_nowait()
+                body = json.dumps({"model": "minilm", "encoding_format": "base64",
+                                   "input": [texts[i] for i in idx]}).encode()
+                start = time.perf_counter()
+                status, payload = await post_json(reader, writer, host, "/v1/embeddings", body)
+                latencies.append(time.perf_counter() - start)
+                if status != 200:
+                    raise RuntimeError(f"HTTP {status}: {payload[:200]!r}")
+                for i, d in zip(idx, json.loads(payload)["data"]):
+                    vectors[i] = np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4")
+        finally:
+            writer.close()
 
-    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+    async with httpx.AsyncClient(timeout=120) as http:  # one warm-up request
         await http.post(f"{url}/v1/embeddings", json={"model": "minilm", "input": texts[:per_request]})
-        start = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(clients)))
-        wall = time.perf_counter() - start
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    wall = time.perf_counter() - start
     return wall, latencies, vectors, len(vectors)
 
 
