@@ -30,9 +30,10 @@ def command(args: list[str], nproc: int = 1, port: int = 29541) -> list[str]:
             str(port), "-m", "bertforge", *args]
 
 
-def run(args: list[str], nproc: int = 1, port: int = 29541) -> None:
+def run(args: list[str], nproc: int = 1, port: int = 29541) -> str:
     proc = subprocess.run(command(args, nproc, port), env=env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
 
 
 def children(pid: int) -> list[int]:
@@ -109,6 +110,13 @@ def test_fsdp_two_processes_equal_one_process_and_resume_after_kill(prepared, tm
     assert sorted(a) == sorted(b) == list(range(1, 201))
     assert a == b  # bit for bit
     assert max_diff(weights(straight), weights(killed)) == 0.0
+
+    # one process's part of the newest checkpoint damaged: every process falls back to the previous one
+    part = killed / "checkpoints" / "step_00000200" / "shards" / "trainer_rank1.pt"
+    part.write_bytes(part.read_bytes()[:300])
+    out = run([*fsdp, "--max-steps", "200", "--output", str(killed), "--resume"], nproc=2, port=29545)
+    assert "trying step_00000180" in out and "at step 180" in out, out
+    assert losses(killed) == a and max_diff(weights(straight), weights(killed)) == 0.0
 
     from bertforge.model.loading import load_model  # the consolidated folder is a normal model
 

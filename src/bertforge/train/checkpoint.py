@@ -34,6 +34,10 @@ from bertforge.errors import BertforgeError
 STATE_FILE = "state.pt"
 
 
+class DamagedCheckpoint(BertforgeError):
+    """A checkpoint that cannot be used (unreadable, truncated, non-finite weights): resume tries an older one."""
+
+
 def load_state(file: Path) -> dict:
     """A checkpoint state file read without running code (weights_only); damage is a one-line error."""
     try:
@@ -43,10 +47,10 @@ def load_state(file: Path) -> dict:
             raise BertforgeError(f"checkpoint file '{file}' holds Python objects other than tensors and plain "
                                  "values, which bertforge does not write: it refuses to load it (it could run "
                                  "code); use a checkpoint you trust") from None
-        raise BertforgeError(f"checkpoint file '{file}' cannot be read (truncated or damaged): resume from an "
-                             "earlier checkpoint (--resume-from) or start over") from None
+        raise DamagedCheckpoint(f"checkpoint file '{file}' cannot be read (truncated or damaged): resume from an "
+                                "earlier checkpoint (--resume-from) or start over") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise BertforgeError(f"checkpoint file '{file}' cannot be read ({type(e).__name__}: truncated or damaged): "
+        raise DamagedCheckpoint(f"checkpoint file '{file}' cannot be read ({type(e).__name__}: truncated or damaged): "
                              "resume from an earlier checkpoint (--resume-from) or start over") from None
 
 
@@ -150,12 +154,12 @@ class CheckpointManager:
             try:
                 state["model"] = weights_from(path / "model")
             except BertforgeError as e:
-                raise BertforgeError(f"checkpoint '{path}' has an unreadable model folder ({e})") from None
+                raise DamagedCheckpoint(f"checkpoint '{path}' has an unreadable model folder ({e})") from None
             except (OSError, RuntimeError, ValueError, KeyError) as e:
-                raise BertforgeError(f"checkpoint '{path}' has an unreadable model folder ({type(e).__name__}: "
+                raise DamagedCheckpoint(f"checkpoint '{path}' has an unreadable model folder ({type(e).__name__}: "
                                      "truncated or damaged)") from None
         weights = state.get("model") or {}
         if not all(torch.isfinite(t).all() for t in weights.values() if torch.is_tensor(t) and t.is_floating_point()):
-            raise BertforgeError(f"checkpoint '{path}' holds non-finite weights (NaN or inf): resume from an earlier "
+            raise DamagedCheckpoint(f"checkpoint '{path}' holds non-finite weights (NaN or inf): resume from an earlier "
                                  "checkpoint (--resume-from)")
         return state

@@ -36,7 +36,7 @@ from torch import nn
 
 from bertforge.errors import BertforgeError
 from bertforge.train import distributed as dist
-from bertforge.train.checkpoint import load_state
+from bertforge.train.checkpoint import DamagedCheckpoint, load_state
 from bertforge.train.faults import check_resume_config
 
 SHARDS = "shards"
@@ -131,11 +131,9 @@ def save_checkpoint(trainer: Any, is_best: bool) -> Path | None:
     return path
 
 
-def load_checkpoint(trainer: Any, path: Path) -> None:
-    """Every rank loads its model + optimizer shards (DCP) and its own progress from checkpoint `path`."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
+def read_progress(trainer: Any, path: Path) -> dict:
+    """This process's progress in sharded checkpoint `path`, checked (a missing or unreadable part:
+    DamagedCheckpoint; another process count or config: an error)."""
     shards = path / SHARDS
     if not shards.is_dir():
         raise BertforgeError(f"checkpoint '{path}' was written without FSDP: resume it with train.parallel=ddp "
@@ -144,14 +142,24 @@ def load_checkpoint(trainer: Any, path: Path) -> None:
     if not mine.is_file():
         raise BertforgeError(f"checkpoint '{path}' has no state for process {dist.rank()}: resume with the "
                              f"number of processes that wrote it")
+    if not (shards / "dcp" / ".metadata").is_file():
+        raise DamagedCheckpoint(f"checkpoint '{path}' lacks its shard index ({shards / 'dcp' / '.metadata'})")
     progress = load_state(mine)
     if progress["world_size"] != dist.world_size():
         raise BertforgeError(f"checkpoint '{path}' was written by {progress['world_size']} processes, this run has "
                              f"{dist.world_size()}: resume with --nproc_per_node {progress['world_size']}")
     check_resume_config(progress.get("config"), trainer.run_config, path)
+    return progress
+
+
+def load_checkpoint(trainer: Any, path: Path, progress: dict) -> None:
+    """Every rank loads its model + optimizer shards (DCP) and its progress (from `read_progress`)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
     model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(state, checkpoint_id=shards / "dcp")
+    dcp.load(state, checkpoint_id=path / SHARDS / "dcp")
     set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
     trainer.load_progress_state(progress)

@@ -11,7 +11,7 @@ from bertforge.atomic import atomic_write_text
 from bertforge.errors import BertforgeError
 from bertforge.train import distributed as dist
 from bertforge.train import faults
-from bertforge.train.checkpoint import STATE_FILE, CheckpointManager
+from bertforge.train.checkpoint import STATE_FILE, CheckpointManager, DamagedCheckpoint
 from bertforge.train.settings import rng_state, set_rng_state
 
 
@@ -76,6 +76,19 @@ class RunState:
         raise BertforgeError(f"--resume-from '{given}' is not a checkpoint (no {STATE_FILE}) nor a run folder with "
                              "checkpoints: pass e.g. runs/x/checkpoints/step_00001000")
 
+    def _read_checkpoint(self, path: Path) -> dict:
+        """The state to resume from `path` (under FSDP: this process's progress), checked against this run."""
+        if self.sharded:
+            from bertforge.train import fsdp
+
+            return fsdp.read_progress(self, path)
+        state = self.ckpt.load(path, weights_from=self.load_weights_fn)
+        if state.get("sharded"):
+            raise BertforgeError(f"checkpoint '{path}' holds FSDP shards: resume it with train.parallel=fsdp "
+                                 f"and the same number of processes")
+        faults.check_resume_config(state.get("config"), self.run_config, path)
+        return state
+
     def maybe_resume(self) -> bool:
         """Load the newest checkpoint that reads (a damaged one is skipped with a note); True if resumed."""
         candidates = self.resume_candidates()
@@ -83,23 +96,25 @@ class RunState:
             dist.print0(f"resume: no checkpoint in {self.ckpt.root}, starting fresh")
             return False
         for i, path in enumerate(candidates):
-            if self.sharded:  # every process reads its shards together: no fallback, the error names the way out
+            problem = None
+            try:
+                state = self._read_checkpoint(path)
+            except DamagedCheckpoint as exc:
+                problem = str(exc)
+            # under FSDP each process reads its own part: one damaged part sends every process on
+            if self.sharded and dist.max_float(1.0 if problem else 0.0, self.device) and problem is None:
+                problem = f"checkpoint '{path}' is damaged on another process"
+            if problem is not None:
+                if i + 1 == len(candidates):
+                    raise DamagedCheckpoint(problem)
+                dist.print0(f"warning: {problem}; trying {candidates[i + 1].name}")
+                continue
+            if self.sharded:
                 from bertforge.train import fsdp
 
-                fsdp.load_checkpoint(self, path)
-                break
-            try:
-                state = self.ckpt.load(path, weights_from=self.load_weights_fn)
-            except BertforgeError as exc:
-                if i + 1 == len(candidates):
-                    raise
-                dist.print0(f"warning: {exc}; trying {candidates[i + 1].name}")
-                continue
-            if state.get("sharded"):
-                raise BertforgeError(f"checkpoint '{path}' holds FSDP shards: resume it with train.parallel=fsdp "
-                                     f"and the same number of processes")
-            faults.check_resume_config(state.get("config"), self.run_config, path)
-            self.load_state_dict(state)
+                fsdp.load_checkpoint(self, path, state)
+            else:
+                self.load_state_dict(state)
             break
         dist.print0(f"resumed from {path} at step {self.step} ({self.elapsed:.0f}s of budget used)")
         return True
