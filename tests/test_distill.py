@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from bertforge.data.masking import MaskingConfig, MLMCollator
 from bertforge.errors import BertforgeError
@@ -259,3 +260,42 @@ def test_cli_distill_runs_and_reports(shared_data, sst2_tokenizer, tmp_path, cap
     from bertforge.model.loading import load_model
 
     assert load_model(tmp_path / "run" / "model").meta["teacher_layers"] == [1]
+
+
+def test_distill_resumes_bit_for_bit_with_the_student_stored_once(shared_data, sst2_tokenizer, tmp_path, capsys):
+    import argparse
+
+    from bertforge.model.loading import save_model
+    from bertforge.workflows.sentence_cli import add_distill_arguments, run_distill
+
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(tiny(vocab_size=pad_vocab_size(sst2_tokenizer.vocab_size),
+                                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+                                            num_labels=2)
+    save_model(teacher, tmp_path / "teacher", tokenizer=sst2_tokenizer)
+
+    def run(out: str, steps: int, *extra: str) -> None:
+        parser = argparse.ArgumentParser()
+        add_distill_arguments(parser)
+        args = parser.parse_args(["--teacher", str(tmp_path / "teacher"), "--data", str(shared_data / "sst2"),
+                                  "--task", "sst2", "--student-layers", "1", "--output", str(tmp_path / out),
+                                  "--max-steps", str(steps), "--batch-size", "8", "--max-seq-length", "32",
+                                  "--no-progress", "data.limit=64", "data.eval_limit=16", "student.teacher_layers=[1]",
+                                  "train.save_every=2", "train.log_every=1", "optim.schedule=constant",
+                                  "optim.warmup_ratio=0", *extra])
+        assert run_distill(args) == 0
+
+    run("straight", 4)
+    run("cut", 2)
+    state = torch.load(tmp_path / "cut" / "checkpoints" / "step_00000002" / "state.pt", weights_only=True)
+    assert state["weights_in_folder"] and not any(k.startswith("student.") for k in state["model"])
+    run("cut", 4, "--resume")
+
+    def per_step(run_dir: Path) -> dict:
+        return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r}
+
+    assert per_step(tmp_path / "cut") == per_step(tmp_path / "straight") and len(per_step(tmp_path / "cut")) == 4
+    a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -311,3 +312,34 @@ def test_cli_sentence_train_and_sts_eval_with_calibration(shared_data, tiny_mode
     assert result["n"] == 50 and result["calibration"]["n"] == 1500
     saved = json.loads((model / "similarity_threshold.json").read_text())
     assert saved["threshold"] == result["calibration"]["threshold"] and saved["task"] == "stsb"
+
+
+@pytest.mark.slow
+def test_sentence_train_resumes_bit_for_bit_with_the_encoder_stored_once(shared_data, tiny_model_dir, tmp_path):
+    """A softmax-loss run (its classifier is not in the encoder's folder) cut at step 5 and resumed equals
+    the straight run; the checkpoint's state.pt holds the classifier, the encoder only in model/."""
+    from safetensors.torch import load_file
+
+    def run(out: Path, steps: int, resume: bool = False) -> dict:
+        cfg = SentenceRunConfig()
+        cfg.model.path = str(tiny_model_dir)
+        cfg.data.train, cfg.data.limit, cfg.data.max_seq_length = str(shared_data / "snli" / "dev_full.tsv"), 120, 40
+        cfg.loss.name = "softmax"
+        cfg.optim.lr, cfg.optim.warmup_ratio, cfg.optim.schedule = 2e-3, 0.0, "constant"
+        cfg.train = TrainConfig(output_dir=str(out), batch_size=16, max_steps=steps, log_every=1, save_every=5,
+                                progress=False, device="cpu", resume=resume)
+        return main(cfg)
+
+    run(tmp_path / "straight", 10)
+    run(tmp_path / "cut", 5)
+    state = torch.load(tmp_path / "cut" / "checkpoints" / "step_00000005" / "state.pt", weights_only=True)
+    assert state["weights_in_folder"] and state["model"] and all(k.startswith("loss.") for k in state["model"])
+    run(tmp_path / "cut", 10, resume=True)
+
+    def per_step(run_dir: Path) -> dict:
+        return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r}
+
+    assert per_step(tmp_path / "cut") == per_step(tmp_path / "straight")
+    a, b = (load_file(next((tmp_path / d / "model").rglob("model.safetensors"))) for d in ("straight", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,7 +1,8 @@
 """Atomic checkpoints: write into a temporary sibling, fsync, rename. Keep the last N plus the best.
 
 The weights are stored once: when the caller can read them back from the checkpoint's `model/` folder
-(`Trainer(load_weights=...)`, pretraining and fine-tuning), `state.pt` holds `"model": None`.
+(`Trainer(load_weights=..., weights_prefix=...)`: pretraining, fine-tuning, sentence-train, distill), `state.pt`
+holds only the other weights (a loss head, a frozen teacher) and `weights_in_folder: True`.
 
 Layout of a run directory:
 
@@ -141,18 +142,18 @@ class CheckpointManager:
 
     def load(self, path: Path | None = None, weights_from=None) -> dict:
         """The state of checkpoint `path` (default: the latest). A state saved without its weights
-        (`"model": None`, they are in `path/model/` once) gets them from `weights_from(path / "model")`.
+        (`weights_in_folder`: they are in `path/model/` once) gets them from `weights_from(path / "model")`.
         Unreadable states, missing weights and non-finite weights are one-line errors."""
         path = path or self.latest()
         if path is None:
             raise BertforgeError(f"no checkpoint found in '{self.root}': start without --resume or point to a run directory")
         state = load_state(path / STATE_FILE)
-        if state.get("model", {}) is None:
+        if state.get("weights_in_folder"):
             if weights_from is None:
                 raise BertforgeError(f"checkpoint '{path}' keeps its weights in its model folder, which this run "
                                      "cannot read back: resume it with the command that wrote it")
             try:
-                state["model"] = weights_from(path / "model")
+                state["model"] = {**state["model"], **weights_from(path / "model")}
             except BertforgeError as e:
                 raise DamagedCheckpoint(f"checkpoint '{path}' has an unreadable model folder ({e})") from None
             except (OSError, RuntimeError, ValueError, KeyError) as e:

@@ -45,7 +45,8 @@ class Trainer(RunState):
                  cfg: TrainConfig, *, evaluate: Callable[[nn.Module], dict] | None = None,
                  save_model: Callable[[nn.Module, Path], None] | None = None, run_config: dict | None = None,
                  clip_grad_norm: float | None = None, plateau_level: float | None = None,
-                 supports_fsdp: bool = False, load_weights: Callable[[Path], dict] | None = None):
+                 supports_fsdp: bool = False, load_weights: Callable[[Path], dict] | None = None,
+                 weights_prefix: str = ""):
         cfg.validate()
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
@@ -54,8 +55,9 @@ class Trainer(RunState):
         self.model = model.to(self.device)  # the unwrapped module: saved, evaluated
         self.optimizer, self.scheduler, self.batches = optimizer, scheduler, batches
         self.evaluate_fn, self.save_model_fn, self.run_config = evaluate, save_model, run_config or {}
-        # reads the model's state dict back from a checkpoint's model/ folder: state.pt then skips the weights
-        self.load_weights_fn = load_weights
+        # reads the weights under `weights_prefix` (full state-dict keys) back from a checkpoint's model/
+        # folder; state.pt then keeps only the others (a loss head, a frozen teacher)
+        self.load_weights_fn, self.weights_prefix = load_weights, weights_prefix
         self.clip_grad_norm = clip_grad_norm
         self.plateau_level = plateau_level  # the unigram loss of the training data (pretraining), or None
         self.plateau_warned = False

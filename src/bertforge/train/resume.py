@@ -20,10 +20,14 @@ class RunState:
     batches, counters, `cfg`, `out`, `ckpt`, `run_config`, `save_model_fn`, `load_weights_fn` and `sharded`."""
 
     def state_dict(self) -> dict:
-        """Model (None when the checkpoint's model/ folder holds it and `load_weights_fn` reads it back),
-        optimizer and progress."""
-        weights = None if self.load_weights_fn is not None and self.save_model_fn is not None else self.model.state_dict()
-        return {"model": weights, "optimizer": self.optimizer.state_dict(), **self.progress_state()}
+        """Model, optimizer and progress. When `load_weights_fn` can read the weights under `weights_prefix`
+        back from the checkpoint's model/ folder, they are left out (stored once) and marked so."""
+        weights = self.model.state_dict()
+        if self.load_weights_fn is None or self.save_model_fn is None:
+            return {"model": weights, "optimizer": self.optimizer.state_dict(), **self.progress_state()}
+        rest = {k: v for k, v in weights.items() if not k.startswith(self.weights_prefix)}
+        return {"model": rest, "weights_in_folder": True, "optimizer": self.optimizer.state_dict(),
+                **self.progress_state()}
 
     def progress_state(self) -> dict:
         """Everything but the model and optimizer: schedule, scaler, counters, data position, RNG, config."""

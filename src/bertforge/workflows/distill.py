@@ -40,6 +40,7 @@ from bertforge.config import config_to_dict, parse_duration
 from bertforge.data.masking import IGNORE_INDEX, MaskingConfig
 from bertforge.errors import require
 from bertforge.model.bert import BertConfig
+from bertforge.model.loading import load_model
 from bertforge.train.faults import stopped_early
 from bertforge.train.loop import Trainer
 from bertforge.train.optim import OptimConfig, build_optimizer, build_schedule
@@ -208,7 +209,6 @@ def student_config(cfg: StudentConfig, teacher: BertConfig) -> BertConfig:
 def load_teacher(cfg: DistillRunConfig):
     """The teacher LoadedModel with a trained head for the mode (classifier for task, MLM head for mlm)."""
     from bertforge.data.glue import get_task
-    from bertforge.model.loading import load_model
 
     require(bool(cfg.teacher), "teacher is empty: pass a model folder (ours or Hugging Face)")
     require(cfg.data.mode in MODES, f"data.mode '{cfg.data.mode}' is unknown: use task or mlm")
@@ -296,7 +296,10 @@ def main(cfg: DistillRunConfig) -> dict:
     run_config = config_to_dict(cfg)
     trainer = Trainer(model, optimizer, scheduler, batches, t, evaluate=lambda m: evaluate_distill(m, eval_batches,
                       task_name), save_model=write_model, run_config=run_config,
-                      clip_grad_norm=cfg.optim.clip_grad_norm or None)
+                      clip_grad_norm=cfg.optim.clip_grad_norm or None,
+                      load_weights=lambda d: {f"student.{k}": v
+                                              for k, v in load_model(d / "model").model.state_dict().items()},
+                      weights_prefix="student.")
     out = Path(t.output_dir)
     model.eval()
     initial = {f"initial_{k}": v for k, v in evaluate_distill(model, eval_batches, task_name).items()

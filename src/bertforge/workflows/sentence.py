@@ -30,6 +30,7 @@ from torch import nn
 from bertforge.config import config_to_dict, parse_duration
 from bertforge.errors import require
 from bertforge.eval.metrics import pearson, spearman
+from bertforge.model.folders import load_encoder
 from bertforge.train.faults import stopped_early
 from bertforge.train.loop import Trainer
 from bertforge.train.optim import OptimConfig, build_optimizer, build_schedule
@@ -177,8 +178,6 @@ def sts_scores(cosines: np.ndarray, gold: np.ndarray) -> dict[str, float]:
 
 def sts_eval(model_dir: str | Path, file: str | Path, *, limit: int | None = None, batch_size: int = 64) -> dict:
     """Zero-shot STS of any model folder (ours, HF BERT, sentence-transformers): {spearman, pearson, n}."""
-    from bertforge.model.folders import load_encoder
-
     encoder, tokenizer = load_encoder(model_dir)
     a, b, gold = read_sts(file, limit)
     return sts_scores(pair_cosines(encoder.eval(), tokenizer, a, b, batch_size), gold)
@@ -247,8 +246,6 @@ def calibrate_encoder(encoder: nn.Module, tokenizer, c: CalibrationConfig, save_
 
 def calibrate_model(model_dir: str | Path, c: CalibrationConfig, *, save: bool = False) -> dict:
     """`calibrate_encoder` for any model folder; `save` writes the threshold into that folder."""
-    from bertforge.model.folders import load_encoder
-
     encoder, tokenizer = load_encoder(model_dir)
     return calibrate_encoder(encoder.eval(), tokenizer, c, model_dir if save else None)
 
@@ -262,8 +259,6 @@ def load_threshold(model_dir: str | Path) -> float:
 
 def is_similar(model_dir: str | Path, a: list[str], b: list[str]) -> list[tuple[float, bool]]:
     """(cosine, cosine >= saved threshold) for each pair (a_i, b_i), with the model's calibrated threshold."""
-    from bertforge.model.folders import load_encoder
-
     threshold = load_threshold(model_dir)
     encoder, tokenizer = load_encoder(model_dir)
     return [(float(c), bool(c >= threshold)) for c in pair_cosines(encoder.eval(), tokenizer, a, b)]
@@ -319,7 +314,6 @@ class SentenceRunConfig:
 
 def load_encoder_for_training(cfg: SentenceModelConfig):
     """(SentenceEncoder, tokenizer) from cfg.path with pooling / normalize overrides applied."""
-    from bertforge.model.folders import load_encoder
     from bertforge.model.pooling import check_pooling
 
     require(bool(cfg.path), "model.path is empty: pass a model folder (ours, HF BERT or sentence-transformers)")
@@ -372,8 +366,12 @@ def main(cfg: SentenceRunConfig) -> dict:
         m.encoder.save_sentence_transformers(directory / "model", tokenizer)
 
     run_config = config_to_dict(cfg)
+    def read_weights(directory: Path) -> dict:  # the encoder's weights back from a checkpoint's folder
+        return {f"encoder.{k}": v for k, v in load_encoder(directory / "model")[0].state_dict().items()}
+
     trainer = Trainer(model, optimizer, scheduler, batches, cfg.train, evaluate=evaluate, save_model=write_model,
-                      run_config=run_config, clip_grad_norm=cfg.optim.clip_grad_norm or None)
+                      run_config=run_config, clip_grad_norm=cfg.optim.clip_grad_norm or None,
+                      load_weights=read_weights, weights_prefix="encoder.")
     out = Path(cfg.train.output_dir)
     initial = {f"initial_{k}": v for k, v in evaluate(model).items()}  # the starting model, zero-shot
     resumed = trainer.start()
