@@ -200,11 +200,15 @@ def deep_merge(base: dict, extra: dict) -> dict:
 
 
 def load_run_config(cls: type[T], *, file: str | Path | None = None, overrides: list[str] | None = None,
-                    base: dict | None = None) -> T:
-    """defaults <- base dict <- file <- dotted overrides, validated into `cls`.
+                    base: dict | None = None, flags: dict[str, Any] | None = None) -> T:
+    """The one way every command builds its run config, validated into `cls`:
 
-    Starting from the class's own defaults keeps a section's other fields when only one is given
-    (`optim.lr=1e-3` leaves the run's warmup as it was)."""
+        defaults <- base (a preset or protocol, nested) <- file <- flags <- dotted overrides
+
+    `flags` maps dotted keys to values taken as they are (a command's options; None = not given);
+    `overrides` are "key=value" strings whose values are parsed as YAML scalars. Starting from the
+    class's own defaults keeps a section's other fields when only one is given (`optim.lr=1e-3` leaves
+    the run's warmup as it was)."""
     try:
         defaults = config_to_dict(cls())
     except TypeError:  # a class with required fields: no defaults to start from
@@ -212,6 +216,9 @@ def load_run_config(cls: type[T], *, file: str | Path | None = None, overrides: 
     data: dict = deep_merge(defaults, base or {})
     if file is not None:
         data = deep_merge(data, read_config_file(file))
+    for key, value in (flags or {}).items():
+        if value is not None:
+            merge_into(data, key.split("."), value)
     for item in overrides or []:
         path, value = parse_override(item)
         merge_into(data, path, value)

@@ -33,9 +33,9 @@ SEQ_LEN = 128
 # The pretraining recipe, chosen by the recipe search in docs/RESULTS.md ("Leaving the plateau"): rotary
 # positions (absolute ones stay on the unigram plateau for the whole budget), LAMB at 1e-2 with 2% warmup,
 # 16-row batches (many updates), 15% masking, one-cycle over wall-clock time.
-RECIPE = ("model.position_embedding_type=rotary", "train.batch_size=16", "optim.optimizer=lamb",
-          "optim.schedule=time", "optim.lr=1e-2", "optim.warmup_ratio=0.02", "optim.betas=[0.9,0.98]",
-          "optim.eps=1e-12", "optim.clip_grad_norm=0.5", "masking.mlm_probability=0.15", "data.eval_rows=512")
+RECIPE = {"model.position_embedding_type": "rotary", "train.batch_size": 16, "optim.optimizer": "lamb",
+          "optim.schedule": "time", "optim.lr": 1e-2, "optim.warmup_ratio": 0.02, "optim.betas": [0.9, 0.98],
+          "optim.eps": 1e-12, "optim.clip_grad_norm": 0.5, "masking.mlm_probability": 0.15, "data.eval_rows": 512}
 
 
 @dataclass
@@ -138,11 +138,11 @@ def step_pretrain(ctx: Context) -> str:
     from bertforge.config import load_run_config
     from bertforge.workflows.pretrain import PretrainRunConfig, main
 
-    cfg = load_run_config(PretrainRunConfig, overrides=[
-        *RECIPE, f"model.preset={ctx.opts.preset}", f"model.max_position_embeddings={SEQ_LEN}",
-        f"data.path={ctx.out / 'data'}", f"train.output_dir={ctx.out}", f"train.seed={ctx.opts.seed}",
-        f"train.time_budget={ctx.opts.minutes * 60:.1f}", "train.log_every=5", "train.progress=true",
-        f"train.eval_every_minutes={max(ctx.opts.minutes / 3, 0.25):.2f}"])
+    cfg = load_run_config(PretrainRunConfig, flags={
+        **RECIPE, "model.preset": ctx.opts.preset, "model.max_position_embeddings": SEQ_LEN,
+        "data.path": str(ctx.out / "data"), "train.output_dir": str(ctx.out), "train.seed": ctx.opts.seed,
+        "train.time_budget": f"{ctx.opts.minutes * 60:.1f}", "train.log_every": 5, "train.progress": True,
+        "train.eval_every_minutes": round(max(ctx.opts.minutes / 3, 0.25), 2)})
     ctx.summary = main(cfg)
     ctx.wrote("run", ctx.out, "config.json, metrics.jsonl (loss curve), checkpoints/, summary.json")
     ctx.wrote("model", ctx.out / "model", "the pretrained model with its tokenizer (bertforge and transformers load it)")

@@ -89,18 +89,11 @@ def load_finetune_config(file: str | Path | None = None, overrides: list[str] | 
                          protocol: str | None = None, flags: dict[str, Any] | None = None) -> FinetuneRunConfig:
     """defaults <- protocol preset <- file <- `flags` ({dotted key: value}, values taken as they are) <-
     dotted `overrides` ("optim.lr=3e-5", values parsed as YAML scalars)."""
-    data: dict = {}
+    base = None
     if protocol is not None:
         require(protocol in PROTOCOLS, f"protocol {protocol!r} is unknown: use one of {', '.join(PROTOCOLS)}")
-        data = {**copy.deepcopy(PROTOCOLS[protocol]), "protocol": protocol}
-    if file is not None:
-        data = conf.deep_merge(data, conf.read_config_file(file))
-    for key, value in (flags or {}).items():
-        if value is not None:
-            conf.merge_into(data, key.split("."), value)
-    for item in overrides or []:
-        conf.merge_into(data, *conf.parse_override(item))
-    return conf.from_dict(FinetuneRunConfig, data)
+        base = {**copy.deepcopy(PROTOCOLS[protocol]), "protocol": protocol}
+    return conf.load_run_config(FinetuneRunConfig, file=file, overrides=overrides, base=base, flags=flags)
 
 
 def validate(cfg: FinetuneRunConfig) -> None:

@@ -47,18 +47,12 @@ def resolve_config(args: argparse.Namespace):
     from bertforge.config import load_run_config
     from bertforge.workflows.pretrain import PretrainRunConfig
 
-    extra = []
-    if args.data:
-        extra.append(f"data.path={args.data}")
-    for flag, key in (("output", "train.output_dir"), ("time_budget", "train.time_budget"),
-                      ("max_steps", "train.max_steps")):
-        if getattr(args, flag, None) is not None:
-            extra.append(f"{key}={getattr(args, flag)}")
+    flags = {"data.path": args.data, "train.output_dir": getattr(args, "output", None),
+             "train.time_budget": getattr(args, "time_budget", None), "train.max_steps": getattr(args, "max_steps", None),
+             "train.progress": False if getattr(args, "no_progress", False) else None}
     if hasattr(args, "resume"):  # pretrain (sanity has no run folder)
-        extra += [f"{k}={v}" for k, v in run_folder_flags(args).items() if v is not None]
-    if getattr(args, "no_progress", False):
-        extra.append("train.progress=false")
-    return load_run_config(PretrainRunConfig, file=args.config, overrides=[*args.overrides, *extra])
+        flags.update(run_folder_flags(args))
+    return load_run_config(PretrainRunConfig, file=args.config, overrides=args.overrides, flags=flags)
 
 
 def run_pretrain(args: argparse.Namespace) -> int:

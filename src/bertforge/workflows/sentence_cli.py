@@ -52,22 +52,10 @@ def _common_flags(args: argparse.Namespace) -> dict:
 
 
 def build_config(cls, args: argparse.Namespace, flags: dict):
-    """defaults <- --config file <- flags (those not None) <- KEY=VALUE overrides, validated into `cls`.
+    """The run config of `cls` from --config, the command's flags and KEY=VALUE overrides."""
+    from bertforge.config import load_run_config
 
-    The defaults are the full `cls()` as a dict, so a section keeps the run's own defaults (e.g. the
-    sentence run's lr 2e-5 with 10% warmup) when only some of its keys are given."""
-    from bertforge import config as conf
-
-    data = conf.config_to_dict(cls())
-    if args.config:
-        data = conf.deep_merge(data, conf.read_config_file(args.config))
-    for key, value in flags.items():
-        if value is not None:
-            conf.merge_into(data, key.split("."), value)
-    for item in args.overrides:
-        path, value = conf.parse_override(item)
-        conf.merge_into(data, path, value)
-    return conf.from_dict(cls, data)
+    return load_run_config(cls, file=args.config, overrides=args.overrides, flags=flags)
 
 
 def _print_metrics(metrics: dict, keys: tuple[str, ...], where: str) -> None:
