@@ -240,8 +240,8 @@ def test_mlm_distillation_on_prepared_shards(sst2_tokenizer, tmp_path):
 def test_cli_distill_runs_and_reports(shared_data, sst2_tokenizer, tmp_path, capsys):
     import argparse
 
+    from bertforge.commands.sentence import add_distill_arguments, run_distill
     from bertforge.model.loading import save_model
-    from bertforge.workflows.sentence_cli import add_distill_arguments, run_distill
 
     torch.manual_seed(0)
     teacher = BertForSequenceClassification(tiny(vocab_size=pad_vocab_size(sst2_tokenizer.vocab_size)), num_labels=2)
@@ -265,8 +265,8 @@ def test_cli_distill_runs_and_reports(shared_data, sst2_tokenizer, tmp_path, cap
 def test_distill_resumes_bit_for_bit_with_the_student_stored_once(shared_data, sst2_tokenizer, tmp_path, capsys):
     import argparse
 
+    from bertforge.commands.sentence import add_distill_arguments, run_distill
     from bertforge.model.loading import save_model
-    from bertforge.workflows.sentence_cli import add_distill_arguments, run_distill
 
     torch.manual_seed(0)
     teacher = BertForSequenceClassification(tiny(vocab_size=pad_vocab_size(sst2_tokenizer.vocab_size),

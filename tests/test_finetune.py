@@ -251,7 +251,7 @@ def test_minilm_hf_directory(shared_data, tmp_path):
 
 
 def test_cli_functions(tiny_model, shared_data, tmp_path, capsys):
-    from bertforge.workflows import finetune_cli as fc
+    from bertforge.commands import finetune as fc
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()

@@ -13,13 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bertforge.commands.analysis import add_inspect_arguments, run_inspect
 from bertforge.errors import BertforgeError
 from bertforge.inspect_mlm import (
-    add_inspect_arguments,
     masked_predictions,
     render_html,
     render_terminal,
-    run_inspect,
 )
 from bertforge.model.bert import BertConfig, pad_vocab_size
 from bertforge.model.heads import BertForMaskedLM, BertForSequenceClassification, PreTrainingOutput

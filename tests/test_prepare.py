@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import bertforge.data.shard_output as shard_output
+from bertforge.commands.prepare import add_prepare_arguments, run_prepare
 from bertforge.data.corpus import CorpusLines, iter_documents
 from bertforge.data.dataset import PackedDataset, ShardLoader
-from bertforge.data.prepare_cli import add_prepare_arguments, run_prepare
 from bertforge.data.shards import PrepareConfig, is_val_document, prepare
 from bertforge.errors import BertforgeError
 from bertforge.wordpiece import WordPieceTokenizer, train_wordpiece

@@ -11,8 +11,9 @@ import sys
 
 import pytest
 
+from bertforge.commands.analysis import add_report_arguments, run_report
 from bertforge.errors import BertforgeError
-from bertforge.report import add_report_arguments, build_report, finetune_rows, run_report
+from bertforge.report import build_report, finetune_rows
 from bertforge.report_runs import drop_superseded, load_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -288,7 +288,7 @@ def cli(add, run, argv: list[str]) -> int:
 
 
 def test_cli_sentence_train_and_sts_eval_with_calibration(shared_data, tiny_model_dir, tmp_path, capsys):
-    from bertforge.workflows.sentence_cli import (
+    from bertforge.commands.sentence import (
         add_sentence_train_arguments,
         add_sts_eval_arguments,
         run_sentence_train,

@@ -1,11 +1,13 @@
-"""The `bertforge` command line: a table of commands, each an argument-adding function and a runner.
+"""The `bertforge` command line: the table of commands and `main`. Nothing else lives here.
 
-`COMMANDS` maps a command name to `Command(help, add_arguments, run, examples)`. A name with a space
-(`"tokenizer train"`) is a subcommand of a group (`GROUPS` holds the group's help). To add a command,
-write its two small functions and add one row; `build_parser` does the rest.
+`COMMANDS` maps a command name to `Command(help, add_arguments, run, examples)`, where `add_arguments`
+and `run` name functions in `bertforge.commands.*` ("module:function"), imported only for the command
+being run. A name with a space (`"tokenizer train"`) is a subcommand of a group (`GROUPS` holds the
+group's help). To add a command, write its two small functions in a `commands/` module and add one row;
+`build_parser` does the rest.
 
-Parsing only: every runner imports the module that does the work inside the function (so
-`bertforge --help` starts without importing torch) and prints its result. `main` turns user errors
+Every runner imports the module that does the work inside the function (so `bertforge --help` starts
+without importing torch) and prints its result. `main` turns user errors
 (`BertforgeError`, and unreadable files) into one `error: ...` line on stderr with exit status 2.
 """
 
@@ -14,7 +16,6 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
-import json
 import os
 import re
 import sys
@@ -23,8 +24,6 @@ from typing import NamedTuple
 
 from bertforge import __version__
 from bertforge.errors import BertforgeError
-from bertforge.workflows import finetune_cli as ft
-from bertforge.workflows import sentence_cli as st
 
 EXIT_USAGE = 2
 OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+=")
@@ -64,192 +63,53 @@ def resolve(ref):
     return getattr(importlib.import_module(module), name)
 
 
-# ----------------------------------------------------------------------------- quickstart
-
-
-def add_quickstart_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus", nargs="+", action="extend", metavar="PATH",
-                   help="text files, folders, .gz or .jsonl to train on (default: the docstrings and "
-                        "comments of this Python's standard library, no download)")
-    p.add_argument("--out", default="bertforge-quickstart", metavar="DIR",
-                   help="folder for everything quickstart writes (default: %(default)s)")
-    p.add_argument("--vocab-size", type=int, default=8192, metavar="N",
-                   help="WordPiece vocabulary size (default: %(default)s)")
-    p.add_argument("--max-mb", type=float, default=3.0, metavar="N",
-                   help="use at most N MB of the corpus (default: %(default)s)")
-    p.add_argument("--preset", default="budget-mini", choices=("tiny", "mini", "small", "budget-mini", "budget-small"),
-                   help="model shape (default: %(default)s: 4 layers, hidden 256, pre-LN, GeGLU, rotary positions)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--minutes", type=float, default=3.25, metavar="M",
-                   help="pretraining wall-clock budget in minutes (default: %(default)s)")
-
-
-def run_quickstart(args: argparse.Namespace) -> int:
-    from bertforge.quickstart import QuickstartOptions
-    from bertforge.quickstart import run_quickstart as run
-
-    run(QuickstartOptions(corpus=args.corpus, out=args.out, vocab_size=args.vocab_size,
-                          max_mb=args.max_mb, preset=args.preset, seed=args.seed,
-                          minutes=args.minutes))
-    return 0
-
-
-# ----------------------------------------------------------------------------- tokenizer train
-
-
-def add_tokenizer_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("corpus", nargs="+", metavar="PATH", help="text files, folders, .gz or .jsonl files")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="folder to write vocab.txt, tokenizer.json and tokenizer_config.json into")
-    p.add_argument("--vocab-size", type=int, default=30522, metavar="N", help="(default: %(default)s)")
-    p.add_argument("--min-frequency", type=int, default=2, metavar="N",
-                   help="keep merges seen at least N times (default: %(default)s)")
-    p.add_argument("--limit-alphabet", type=int, default=1000, metavar="N",
-                   help="at most N distinct characters (default: %(default)s)")
-    p.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=True,
-                   help="lowercase the text (default: on; --no-lowercase for a cased vocabulary)")
-    p.add_argument("--strip-accents", action=argparse.BooleanOptionalAction, default=None,
-                   help="strip accents (default: the same as --lowercase)")
-    p.add_argument("--overwrite", action="store_true", help="replace tokenizer files already in --out")
-
-
-def run_tokenizer_train(args: argparse.Namespace) -> int:
-    from bertforge.inference import train_tokenizer
-
-    info = train_tokenizer(args.corpus, args.out, vocab_size=args.vocab_size, lowercase=args.lowercase,
-                           strip_accents=args.strip_accents, min_frequency=args.min_frequency,
-                           limit_alphabet=args.limit_alphabet, overwrite=args.overwrite)
-    print(f"trained a WordPiece vocabulary of {info['vocab_size']:,} tokens in {info['seconds']:.1f} s")
-    print(f"wrote {', '.join(info['files'])} to {info['out']}")
-    print(f"example: {info['example']!r} -> {' '.join(info['example_tokens'])}")
-    return 0
-
-
-# ----------------------------------------------------------------------------- fill-mask
-
-
-def add_fill_mask_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model folder with a masked-LM head (ours or Hugging Face)")
-    p.add_argument("text", help="text with one or more [MASK] tokens")
-    p.add_argument("--top-k", type=int, default=5, metavar="K", help="predictions per mask (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-
-def run_fill_mask(args: argparse.Namespace) -> int:
-    from bertforge.inference import fill_mask
-
-    results = fill_mask(args.model, args.text, top_k=args.top_k)
-    if args.json:
-        print(json.dumps([[{"token": t, "prob": p} for t, p in preds] for preds in results]))
-        return 0
-    for i, preds in enumerate(results, 1):
-        print(f"[MASK] {i} of {len(results)}:")
-        for token, prob in preds:
-            print(f"  {prob:8.4f}  {token}")
-    return 0
-
-
-# ----------------------------------------------------------------------------- similarity / embed
-
-
-def add_similarity_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model folder (sentence-transformers, Hugging Face or ours)")
-    p.add_argument("a", help="first text")
-    p.add_argument("b", help="second text")
-
-
-def run_similarity(args: argparse.Namespace) -> int:
-    from bertforge.inference import similarity
-
-    print(f"{similarity(args.model, args.a, args.b):.4f}")
-    return 0
-
-
-def add_embed_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model folder (sentence-transformers, Hugging Face or ours)")
-    p.add_argument("--input", required=True, metavar="FILE",
-                   help="UTF-8 text, one text per line, or .jsonl with a text field")
-    p.add_argument("--output", required=True, metavar="FILE",
-                   help="where to write the embeddings: .npy (N x H float32), .jsonl or .csv")
-    p.add_argument("--text-field", default="text", metavar="NAME",
-                   help="field holding the text in .jsonl input (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="(default: %(default)s)")
-    p.add_argument("--max-seq-length", type=int, default=None, metavar="T",
-                   help="tokens per text (default: the model's setting); longer texts are truncated "
-                        "and counted in a note")
-
-
-def run_embed(args: argparse.Namespace) -> int:
-    from bertforge.inference import embed
-
-    info = embed(args.model, args.input, args.output, batch_size=args.batch_size,
-                 text_field=args.text_field, max_seq_length=args.max_seq_length)
-    print(f"embedded {info['count']:,} texts -> {info['output']} ({info['count']} x {info['dim']}) "
-          f"in {info['seconds']:.1f} s")
-    if info["truncated"]:
-        print(f"note: {info['truncated']} texts were longer than {info['max_seq_length']} tokens and were "
-              "truncated (raise --max-seq-length to keep more)", file=sys.stderr)
-    return 0
-
-
-# ----------------------------------------------------------------------------- convert / info
-
-
-CONVERT_HELP = """\
-targets (every architecture bertforge trains, every head; BERT architecture = post-LN, biases,
-MLP feed-forward, absolute positions; budget presets = pre-LN, no biases, GeGLU):
-  hf                     a transformers folder. BERT architecture: plain BertModel / BertFor* classes,
-                         no extra code. Other architectures: config.json, weights and
-                         modeling_bertforge.py; load with AutoModel*.from_pretrained(dest,
-                         trust_remote_code=True). AutoModel, AutoModelForPreTraining, ...MaskedLM,
-                         ...SequenceClassification, ...QuestionAnswering, ...MultipleChoice.
-                         Tokenizer model_max_length = the model's position count.
-  sentence-transformers  the encoder + pooling (+ normalize): SentenceTransformer(dest); add
-                         trust_remote_code=True for non-BERT architectures. Drops task heads.
-  onnx                   model.onnx (opset 18, dynamic batch and sequence axes; inputs input_ids,
-                         attention_mask, token_type_ids) + config.json + tokenizer. Outputs: the
-                         head's (logits, start/end_logits, last_hidden_state + pooler_output);
-                         sentence models also sentence_embedding. Needs bertforge[onnx].
-  bertforge              the folder training writes: the hf layout plus bertforge's run metadata
-                         (task, labels, pooling), which `bertforge` commands read back."""
-
-
-def add_convert_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = f"{p.description}\n\n{CONVERT_HELP}"
-    p.add_argument("source", help="model folder: ours, Hugging Face BERT or sentence-transformers")
-    p.add_argument("dest", help="new folder to write")
-    p.add_argument("--to", required=True, choices=("hf", "sentence-transformers", "onnx", "bertforge"),
-                   help="output format (see targets above)")
-    p.add_argument("--overwrite", action="store_true", help="replace dest when it already has files")
-
-
-def run_convert(args: argparse.Namespace) -> int:
-    from bertforge.inference import convert
-
-    info = convert(args.source, args.dest, to=args.to, overwrite=args.overwrite)
-    print(f"converted {info['source_format']} ({info['head']}) -> {info['to']}: {info['dest']}")
-    if info.get("outputs"):
-        print(f"ONNX outputs: {', '.join(info['outputs'])}")
-    if info["remote_code"]:
-        print("note: this architecture has no transformers class: load it with trust_remote_code=True "
-              "(its code is modeling_bertforge.py in the folder)")
-    return 0
-
-
-def add_info_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model folder: ours, Hugging Face BERT or sentence-transformers")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-
-def run_info(args: argparse.Namespace) -> int:
-    from bertforge.inference import format_model_info, model_info
-
-    info = model_info(args.model)
-    print(json.dumps(info, indent=2) if args.json else format_model_info(info))
-    return 0
-
-
 # ----------------------------------------------------------------------------- the table
+
+FINETUNE_HELP = "fine-tune a model on a GLUE / NLI, SQuAD or multiple-choice task"
+
+FINETUNE_EXAMPLES = """\
+  bertforge finetune --task rte --model path/to/all-MiniLM-L6-v2 --data glue/RTE --output runs/rte
+  bertforge finetune --task sst2 --model runs/pretrain/model --data hub:glue/sst2 --protocol glue-sane --seeds 5
+  bertforge finetune --task squad --model MODEL --data squad/ --output runs/squad --batch-size 16
+  bertforge finetune --task winogrande --model MODEL --data winogrande/ data.dev_from_train=1000 --epochs 2"""
+
+EVALUATE_HELP = ("score a fine-tuned model on labelled data with the task's official metrics, or a masked-LM "
+                 "model on held-out text (--task mlm)")
+
+EVALUATE_EXAMPLES = """\
+  bertforge evaluate --task mlm --model runs/cpu-budget/model --data heldout/ wiki.txt.gz
+  bertforge evaluate --task mlm --model runs/cpu-budget/model --data data/shards        # its val split
+  bertforge evaluate --model runs/rte/model --data glue/RTE
+  bertforge evaluate --model runs/mnli/model --data glue/MNLI --output eval/mnli
+  bertforge evaluate --model runs/squad/model --data squad/dev-v1.1.json"""
+
+PREDICT_HELP = "write a fine-tuned model's predictions for a file (labelled or not)"
+
+PREDICT_EXAMPLES = """\
+  bertforge predict --model runs/rte/model --data glue/RTE/test.tsv --output preds/rte
+  bertforge predict --model runs/squad/model --data squad/dev-v1.1.json --output preds/squad"""
+
+SENTENCE_HELP = "train a sentence-embedding model (Sentence-BERT) on NLI or scored pairs"
+
+SENTENCE_EXAMPLES = """\
+  bertforge sentence-train --model path/to/bert --train snli/dev_full.tsv --loss mnrl --dev stsb/dev.tsv
+  bertforge sentence-train --model MODEL --train sick/SICK_train.txt --loss softmax --epochs 2
+  bertforge sentence-train --model MODEL --train stsb/train.tsv --loss cosent --dev stsb/dev.tsv \\
+      --calibrate mrpc/dev.tsv --calibrate-task mrpc --output runs/sbert"""
+
+STS_HELP = "zero-shot STS: Spearman / Pearson (x100) of cosine similarity vs gold scores"
+
+STS_EXAMPLES = """\
+  bertforge sts-eval --model path/to/all-MiniLM-L6-v2 --data stsb/dev.tsv
+  bertforge sts-eval --model runs/sbert/model --data sick/SICK_trial.txt --json"""
+
+DISTILL_HELP = "distil a fine-tuned (or MLM) teacher into a smaller student: score kept and speed-up"
+
+DISTILL_EXAMPLES = """\
+  bertforge distill --teacher runs/sst2/model --data glue/SST-2 --task sst2 --output runs/distill
+  bertforge distill --teacher runs/sst2/model --data glue/SST-2 --student-preset mini --no-init-from-teacher
+  bertforge distill --teacher runs/pretrain/model --data data/shards --mlm --max-steps 2000 loss.hidden_weight=1"""
+
 
 GROUPS: dict[str, str] = {
     "tokenizer": "WordPiece vocabularies: train",
@@ -258,49 +118,50 @@ GROUPS: dict[str, str] = {
 COMMANDS: dict[str, Command] = {
     "quickstart": Command(
         "train a vocabulary, build a BERT and run it end to end (no network, no data needed)",
-        add_quickstart_arguments, run_quickstart,
+        "bertforge.commands.quickstart:add_quickstart_arguments", "bertforge.commands.quickstart:run_quickstart",
         "  bertforge quickstart\n"
         "  bertforge quickstart --out qs --max-mb 4 --vocab-size 16384\n"
         "  bertforge quickstart --corpus my_texts/ notes.txt.gz --preset tiny"),
     "tokenizer train": Command(
         "train a WordPiece vocabulary on text files, folders or .gz",
-        add_tokenizer_train_arguments, run_tokenizer_train,
+        "bertforge.commands.tokenizer:add_tokenizer_train_arguments",
+        "bertforge.commands.tokenizer:run_tokenizer_train",
         "  bertforge tokenizer train corpus.txt --out tok --vocab-size 8192\n"
         "  bertforge tokenizer train data/ wiki.txt.gz --out tok --no-lowercase"),
     "fill-mask": Command(
         "predict the tokens behind [MASK] with a masked-LM model",
-        add_fill_mask_arguments, run_fill_mask,
+        "bertforge.commands.models:add_fill_mask_arguments", "bertforge.commands.models:run_fill_mask",
         '  bertforge fill-mask bertforge-quickstart/model "the [MASK] of the module"\n'
         '  bertforge fill-mask path/to/bert-base-uncased "paris is the [MASK] of france." --top-k 3'),
     "embed": Command(
         "write sentence embeddings of a file of texts (.npy, .jsonl or .csv)",
-        add_embed_arguments, run_embed,
+        "bertforge.commands.models:add_embed_arguments", "bertforge.commands.models:run_embed",
         "  bertforge embed path/to/all-MiniLM-L6-v2 --input sentences.txt --output emb.npy\n"
         "  bertforge embed MODEL --input docs.jsonl --text-field body --output emb.jsonl"),
     "similarity": Command(
         "cosine similarity of two texts' sentence embeddings",
-        add_similarity_arguments, run_similarity,
+        "bertforge.commands.models:add_similarity_arguments", "bertforge.commands.models:run_similarity",
         '  bertforge similarity path/to/all-MiniLM-L6-v2 "A man is eating." "Someone eats food."'),
     "convert": Command(
         "export a model to transformers, sentence-transformers or ONNX (every architecture)",
-        add_convert_arguments, run_convert,
+        "bertforge.commands.models:add_convert_arguments", "bertforge.commands.models:run_convert",
         "  bertforge convert bertforge-quickstart/model hf-out --to hf\n"
         "  bertforge convert runs/cpu-budget/model st-out --to sentence-transformers\n"
         "  bertforge convert runs/cpu-budget/model onnx-out --to onnx\n"
         "  bertforge convert path/to/hf-bert ours --to bertforge"),
     "info": Command(
         "show a model's format, head, parameter counts, config and tokenizer",
-        add_info_arguments, run_info,
+        "bertforge.commands.models:add_info_arguments", "bertforge.commands.models:run_info",
         "  bertforge info bertforge-quickstart/model\n"
         "  bertforge info path/to/all-MiniLM-L6-v2 --json"),
     "prepare": Command(
         "tokenize a corpus into packed (or NSP pair) memmap shards with a manifest",
-        "bertforge.data.prepare_cli:add_prepare_arguments", "bertforge.data.prepare_cli:run_prepare",
+        "bertforge.commands.prepare:add_prepare_arguments", "bertforge.commands.prepare:run_prepare",
         "  bertforge prepare corpus/ --tokenizer tok/ --output data/shards\n"
         "  bertforge prepare wiki.txt.gz books.jsonl --text-field body --tokenizer tok/ --output data/nsp --mode nsp"),
     "pretrain": Command(
         "pretrain a BERT with MLM (NSP optional) on prepared shards; resumable, DDP via torchrun",
-        "bertforge.workflows.pretrain_cli:add_pretrain_arguments", "bertforge.workflows.pretrain_cli:run_pretrain",
+        "bertforge.commands.pretrain:add_pretrain_arguments", "bertforge.commands.pretrain:run_pretrain",
         "  bertforge pretrain --config configs/tiny-smoke.yaml --data data/shards --output runs/smoke\n"
         "  bertforge pretrain --config configs/cpu-budget.yaml --data data/shards --output runs/cpu --time-budget 1h\n"
         "  bertforge pretrain --config configs/cpu-budget.yaml --data data/shards --output runs/cpu --resume\n"
@@ -308,33 +169,44 @@ COMMANDS: dict[str, Command] = {
         "  torchrun --nproc_per_node 2 -m bertforge pretrain --config configs/gpu-budget.yaml --data d --output runs/gpu"),
     "sanity": Command(
         "can this setup overfit one batch? pass/fail with hints (learning rate, masking, labels)",
-        "bertforge.workflows.pretrain_cli:add_sanity_arguments", "bertforge.workflows.pretrain_cli:run_sanity",
+        "bertforge.commands.pretrain:add_sanity_arguments", "bertforge.commands.pretrain:run_sanity",
         "  bertforge sanity --data data/shards\n"
         "  bertforge sanity --config configs/cpu-budget.yaml --data data/shards optim.lr=1.0   # fails, says why"),
     "plan": Command(
         "estimate training memory (weights, gradients, optimizer, activations) and which devices it fits",
-        "bertforge.plan:add_plan_arguments", "bertforge.plan:run_plan",
+        "bertforge.commands.analysis:add_plan_arguments", "bertforge.commands.analysis:run_plan",
         "  bertforge plan --preset base --batch 32 --seq 128 --precision bf16\n"
         "  bertforge plan --preset large --batch 8 --seq 512 --gradient-checkpointing --offload --device-gb 24"),
     "inspect": Command(
         "a model's predictions at masked positions, right/wrong, in the terminal or as HTML",
-        "bertforge.inspect_mlm:add_inspect_arguments", "bertforge.inspect_mlm:run_inspect",
+        "bertforge.commands.analysis:add_inspect_arguments", "bertforge.commands.analysis:run_inspect",
         "  bertforge inspect runs/cpu-budget --data data/shards --html view.html\n"
         '  bertforge inspect runs/cpu-budget/model --text "The cat sat on the mat."'),
     "report": Command(
         "plot and compare runs: loss, accuracy and LR curves (PNG), markdown/CSV tables",
-        "bertforge.report:add_report_arguments", "bertforge.report:run_report",
+        "bertforge.commands.analysis:add_report_arguments", "bertforge.commands.analysis:run_report",
         "  bertforge report runs/adamw runs/lamb runs/adafactor --out report"),
-    "finetune": Command(ft.FINETUNE_HELP, ft.add_finetune_arguments, ft.run_finetune, ft.FINETUNE_EXAMPLES),
-    "evaluate": Command(ft.EVALUATE_HELP, ft.add_evaluate_arguments, ft.run_evaluate, ft.EVALUATE_EXAMPLES),
-    "predict": Command(ft.PREDICT_HELP, ft.add_predict_arguments, ft.run_predict, ft.PREDICT_EXAMPLES),
-    "sentence-train": Command(st.SENTENCE_HELP, st.add_sentence_train_arguments, st.run_sentence_train,
-                              st.SENTENCE_EXAMPLES),
-    "sts-eval": Command(st.STS_HELP, st.add_sts_eval_arguments, st.run_sts_eval, st.STS_EXAMPLES),
-    "distill": Command(st.DISTILL_HELP, st.add_distill_arguments, st.run_distill, st.DISTILL_EXAMPLES),
+    "finetune": Command(FINETUNE_HELP,
+                      "bertforge.commands.finetune:add_finetune_arguments",
+                      "bertforge.commands.finetune:run_finetune", FINETUNE_EXAMPLES),
+    "evaluate": Command(EVALUATE_HELP,
+                      "bertforge.commands.finetune:add_evaluate_arguments",
+                      "bertforge.commands.finetune:run_evaluate", EVALUATE_EXAMPLES),
+    "predict": Command(PREDICT_HELP,
+                      "bertforge.commands.finetune:add_predict_arguments",
+                      "bertforge.commands.finetune:run_predict", PREDICT_EXAMPLES),
+    "sentence-train": Command(SENTENCE_HELP,
+                      "bertforge.commands.sentence:add_sentence_train_arguments",
+                      "bertforge.commands.sentence:run_sentence_train", SENTENCE_EXAMPLES),
+    "sts-eval": Command(STS_HELP,
+                      "bertforge.commands.sentence:add_sts_eval_arguments",
+                      "bertforge.commands.sentence:run_sts_eval", STS_EXAMPLES),
+    "distill": Command(DISTILL_HELP,
+                      "bertforge.commands.sentence:add_distill_arguments",
+                      "bertforge.commands.sentence:run_distill", DISTILL_EXAMPLES),
     "serve": Command(
         "serve models over HTTP: OpenAI-compatible embeddings, similarity, fill-mask, classify, QA, a web page",
-        "bertforge.serve.command:add_serve_arguments", "bertforge.serve.command:run_serve",
+        "bertforge.commands.serve:add_serve_arguments", "bertforge.commands.serve:run_serve",
         "  bertforge serve path/to/all-MiniLM-L6-v2                 # http://127.0.0.1:8000/\n"
         "  bertforge serve minilm=path/to/all-MiniLM-L6-v2 mlm=bertforge-quickstart/model --port 8080\n"
         "  BERTFORGE_API_KEY=s3cret bertforge serve MODEL --host 0.0.0.0 --cors-origin https://app.example"),

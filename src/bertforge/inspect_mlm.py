@@ -19,10 +19,8 @@ written by `bertforge prepare`, prints the terminal view and optionally writes t
 
 from __future__ import annotations
 
-import argparse
 import html
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,65 +278,3 @@ def validation_row(data_dir: str | os.PathLike, index: int, tokenizer: Any) -> t
     pairs = np.fromfile(d / shard["file"].replace(".bin", ".pairs.bin"), dtype=np.int32).reshape(-1, 2)
     types = (np.arange(ids.size) >= pairs[index, 0]) & (ids != tokenizer.pad_token_id)  # B up to its [SEP]
     return ids, types.astype(np.int64)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model folder with a masked-LM head (ours or Hugging Face), or a run folder")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--text", help="the passage to mask and predict")
-    source.add_argument("--data", metavar="DIR", help="a folder written by `bertforge prepare`: use a validation row")
-    p.add_argument("--index", type=int, default=0, metavar="N", help="validation row with --data (default: %(default)s)")
-    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder (default: the one saved with the model)")
-    p.add_argument("--mask-rate", type=float, default=0.15, metavar="P", help="share of tokens masked (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="masking seed (default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=5, metavar="K", help="predictions listed per position (default: %(default)s)")
-    p.add_argument("--whole-word", action="store_true", help="mask whole words")
-    p.add_argument("--bert-replacement", action="store_true",
-                   help="80/10/10 [MASK]/random/kept as in training (default: every target shows [MASK])")
-    p.add_argument("--html", metavar="FILE", help="also write the view as a standalone HTML page")
-    p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
-                   help="ANSI colours in the terminal (default: auto = when stdout is a terminal and NO_COLOR is unset)")
-
-
-def run_inspect(args: argparse.Namespace) -> int:
-    from bertforge.model.loading import load_model
-
-    model_dir = Path(args.model)
-    if (model_dir / "metrics.jsonl").is_file() and (model_dir / "model" / "config.json").is_file():
-        model_dir = model_dir / "model"  # a run directory: its final model
-        print(f"using the final model of the run: {model_dir}", file=sys.stderr)
-    if not 0 < args.mask_rate < 1:
-        raise BertforgeError(f"--mask-rate {args.mask_rate} is out of range: pass a value in (0, 1), e.g. 0.15")
-    loaded = load_model(model_dir)
-    if loaded.head not in MLM_HEADS:
-        raise BertforgeError(f"model '{args.model}' has a '{loaded.head}' head, not a masked-LM head: pass a "
-                             "pretrained model (BertForMaskedLM / BertForPreTraining)")
-    tokenizer = loaded.tokenizer
-    if args.tokenizer:
-        from bertforge.wordpiece import WordPieceTokenizer
-
-        tokenizer = WordPieceTokenizer.from_pretrained(args.tokenizer)
-    if tokenizer is None:
-        raise BertforgeError(f"model '{args.model}' has no tokenizer saved with it: pass --tokenizer PATH")
-    if tokenizer.vocab_size > loaded.config.vocab_size:
-        raise BertforgeError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                             f"{loaded.config.vocab_size}: pass the tokenizer this model was trained with")
-    types = None
-    source = args.text
-    if args.data is not None:
-        source, types = validation_row(args.data, args.index, tokenizer)
-    records = masked_predictions(loaded.model, tokenizer, source, args.mask_rate, args.seed, args.top_k,
-                                 token_type_ids=types, whole_word=args.whole_word,
-                                 bert_replacement=args.bert_replacement)
-    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
-    print(render_terminal(records, color=color))
-    if args.html:
-        where = f"validation row {args.index} of {args.data}" if args.data else "text"
-        page = render_html(records, f"{model_dir}: masked predictions ({where})")
-        Path(args.html).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.html).write_text(page, encoding="utf-8")
-        print(f"wrote {args.html}")
-    return 0

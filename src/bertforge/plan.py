@@ -31,11 +31,9 @@ the context (~0.5 GiB) and allocator slack, which the "fits" column covers with 
 
 from __future__ import annotations
 
-import argparse
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from bertforge.errors import BertforgeError, require
+from bertforge.errors import BertforgeError
 
 GIB = 2**30
 DEVICES_GB = (16.0, 24.0, 40.0, 80.0, 141.0)
@@ -155,60 +153,4 @@ def estimate(cfg, batch: int, seq: int, *, precision: str = "fp32", gradient_che
     return MemoryPlan(params, grads, opt, act, transient, peak, host, per_sample, P, m, fixed, floor, intercept)
 
 
-def add_plan_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="base", help="model preset: tiny, mini, small, medium, base, large, "
-                   "budget-mini, budget-small, crammed (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=32, help="micro-batch per process (default: %(default)s)")
-    p.add_argument("--seq", type=int, default=128, help="sequence length (default: %(default)s)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--gradient-checkpointing", action="store_true", help="model.gradient_checkpointing=true")
-    p.add_argument("--offload", action="store_true", help="optim.offload=cpu")
-    p.add_argument("--optimizer", default="adamw", choices=("adamw", "lamb", "adafactor"))
-    p.add_argument("--fsdp", type=int, default=1, metavar="N", help="shard over N processes (train.parallel=fsdp)")
-    p.add_argument("--mlm-probability", type=float, default=0.15)
-    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
-                   help="attention kernel and dropout-mask sizes follow this device (default: %(default)s)")
-    p.add_argument("--device-gb", type=float, nargs="+", default=list(DEVICES_GB), metavar="GB",
-                   help="device sizes to check (default: 16 24 40 80 141)")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-
-
-def run_plan(args: argparse.Namespace) -> int:
-    from bertforge.model.bert import BertConfig
-
-    cfg = BertConfig.from_preset(args.preset, gradient_checkpointing=args.gradient_checkpointing)
-    for flag, value, least in (("--batch", args.batch, 1), ("--seq", args.seq, 2), ("--fsdp", args.fsdp, 1)):
-        require(value >= least, f"{flag} {value} is out of range: pass {least} or more")
-    require(0 < args.mlm_probability < 1, f"--mlm-probability {args.mlm_probability} is out of range: pass a "
-            "value in (0, 1), e.g. 0.15")
-    require(all(gb > 0 for gb in args.device_gb), f"--device-gb {' '.join(f'{g:g}' for g in args.device_gb)}: "
-            "pass positive device sizes in GB, e.g. --device-gb 24 80")
-    plan = estimate(cfg, args.batch, args.seq, precision=args.precision, offload=args.offload,
-                    gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer,
-                    mlm_probability=args.mlm_probability, device=args.device, shards=args.fsdp)
-    fits = {f"{gb:g}": {"fits": plan.fits(gb * GIB), "max_batch": plan.max_batch(gb * GIB)}
-            for gb in args.device_gb}
-    if args.json:
-        print(json.dumps({"preset": args.preset, "batch": args.batch, "seq": args.seq, **asdict(plan),
-                          "devices_gib": fits}, indent=2))
-        return 0
-    opts = [args.precision] + [o for o, on in (("gradient checkpointing", args.gradient_checkpointing),
-                                                ("optimizer offload", args.offload),
-                                                (f"FSDP over {args.fsdp}", args.fsdp > 1)) if on]
-    print(f"{args.preset}: {plan.num_parameters / 1e6:.1f}M parameters, batch {args.batch} x {args.seq} "
-          f"({plan.masked_per_sequence} masked per sequence), {args.optimizer}, {', '.join(opts)}, {args.device}")
-    rows = [("parameters", plan.parameters), ("gradients", plan.gradients),
-            ("optimizer state", plan.optimizer), ("activations", plan.activations),
-            ("backward transients", plan.transient), ("peak (estimate)", plan.peak)]
-    if args.offload:
-        rows.append(("host memory (offload)", plan.host))
-    for name, value in rows:
-        print(f"  {name:<22} {value / GIB:8.2f} GiB")
-    print(f"  {'each extra sequence':<22} {plan.per_sample / 2**20:8.1f} MiB")
-    print("  device    fits   largest batch")
-    for gb, f in fits.items():
-        print(f"  {gb:>4} GiB  {'yes' if f['fits'] else 'no ':<5}  {f['max_batch']}")
-    return 0
-
-
-__all__ = ["MemoryPlan", "add_plan_arguments", "estimate", "layer_activation_bytes", "run_plan"]
+__all__ = ["MemoryPlan", "estimate", "layer_activation_bytes"]

@@ -23,11 +23,9 @@ resumed run writes for the same steps. Runs are read in `bertforge.report_runs`,
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import statistics
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -252,23 +250,3 @@ def build_report(paths: list[str | Path], out: str | Path, *, plots: bool = True
 
 
 # ----------------------------------------------------------------------------- CLI
-
-
-def add_report_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (pretraining or fine-tuning)")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md, the CSV tables and the PNGs")
-    p.add_argument("--no-plots", action="store_true", help="write the tables only (no matplotlib needed)")
-
-
-def run_report(args: argparse.Namespace) -> int:
-    report = build_report(args.runs, args.out, plots=not args.no_plots)
-    for warning in report.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    if report.runs_markdown:
-        print(report.runs_markdown)
-    if report.compare_markdown:
-        print(report.compare_markdown)
-    elif report.finetune_markdown:
-        print(report.finetune_markdown)
-    print(f"wrote {len(report.files)} files to {args.out}: {', '.join(f.name for f in report.files)}")
-    return 0

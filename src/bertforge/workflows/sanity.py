@@ -15,9 +15,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from bertforge.data.dataset import PackedDataset
 from bertforge.data.masking import IGNORE_INDEX, MLMCollator
+from bertforge.errors import BertforgeError
+from bertforge.model.heads import BertForMaskedLM
 from bertforge.train.optim import build_optimizer
 from bertforge.train.settings import seed_everything
+from bertforge.wordpiece import WordPieceTokenizer
+from bertforge.workflows.pretrain import build_model_config, data_tokenizer_path
 
 
 @dataclass
@@ -97,6 +102,23 @@ def run_sanity(model: torch.nn.Module, rows: np.ndarray, collator: MLMCollator, 
     report = SanityReport(False, losses[0], final, acc, len(losses), losses, problems)
     diagnose(report, opt_cfg.lr, target_loss)
     return report
+
+
+def sanity_on_data(cfg, *, steps: int, batch_size: int, target_loss: float) -> SanityReport:
+    """`run_sanity` on the first `batch_size` training rows of `cfg.data.path` with a fresh model of
+    `cfg.model` (a PretrainRunConfig, as `bertforge pretrain` reads it)."""
+    for flag, value in (("--steps", steps), ("--batch-size", batch_size)):
+        if value < 1:
+            raise BertforgeError(f"{flag} {value} is out of range: pass 1 or more")
+    if not cfg.data.path:
+        raise BertforgeError("sanity needs data: pass --data DIR (a `bertforge prepare` output)")
+    rows = PackedDataset(cfg.data.path, "train")
+    tokenizer = WordPieceTokenizer.from_pretrained(data_tokenizer_path(cfg.data, rows.manifest))
+    model = BertForMaskedLM(build_model_config(cfg.model, tokenizer.vocab_size))
+    collator = MLMCollator.from_tokenizer(tokenizer, cfg.masking, seed=cfg.train.seed)
+    batch_rows = rows.rows(list(range(min(batch_size, len(rows)))))
+    return run_sanity(model, batch_rows, collator, cfg.optim, steps=steps, target_loss=target_loss,
+                      seed=cfg.train.seed)
 
 
 def diagnose(report: SanityReport, lr: float, target_loss: float) -> None:

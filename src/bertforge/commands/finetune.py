@@ -1,10 +1,5 @@
-"""`bertforge finetune`, `bertforge evaluate`, `bertforge predict`: argument tables and runners.
-
-The CLI owner adds three rows to `cli.COMMANDS`:
-
-    "finetune": Command(FINETUNE_HELP, add_finetune_arguments, run_finetune, FINETUNE_EXAMPLES),
-    "evaluate": Command(EVALUATE_HELP, add_evaluate_arguments, run_evaluate, EVALUATE_EXAMPLES),
-    "predict": Command(PREDICT_HELP, add_predict_arguments, run_predict, PREDICT_EXAMPLES),
+"""`bertforge finetune`, `bertforge evaluate`, `bertforge predict`: argument tables and runners (named by
+their rows in `cli.COMMANDS`).
 
 The work lives in `bertforge.workflows.finetune` (training) and `bertforge.workflows.evaluate` (evaluate,
 predict). Settings layer as: defaults <- `--protocol` <- `--config FILE` <- the flags below <- dotted
@@ -18,27 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
+from bertforge.commands.pretrain import add_run_folder_arguments, run_folder_flags
 from bertforge.errors import BertforgeError
-from bertforge.workflows.pretrain_cli import add_run_folder_arguments, run_folder_flags
-
-FINETUNE_HELP = "fine-tune a model on a GLUE / NLI, SQuAD or multiple-choice task"
-FINETUNE_EXAMPLES = """\
-  bertforge finetune --task rte --model path/to/all-MiniLM-L6-v2 --data glue/RTE --output runs/rte
-  bertforge finetune --task sst2 --model runs/pretrain/model --data hub:glue/sst2 --protocol glue-sane --seeds 5
-  bertforge finetune --task squad --model MODEL --data squad/ --output runs/squad --batch-size 16
-  bertforge finetune --task winogrande --model MODEL --data winogrande/ data.dev_from_train=1000 --epochs 2"""
-EVALUATE_HELP = ("score a fine-tuned model on labelled data with the task's official metrics, or a masked-LM "
-                 "model on held-out text (--task mlm)")
-EVALUATE_EXAMPLES = """\
-  bertforge evaluate --task mlm --model runs/cpu-budget/model --data heldout/ wiki.txt.gz
-  bertforge evaluate --task mlm --model runs/cpu-budget/model --data data/shards        # its val split
-  bertforge evaluate --model runs/rte/model --data glue/RTE
-  bertforge evaluate --model runs/mnli/model --data glue/MNLI --output eval/mnli
-  bertforge evaluate --model runs/squad/model --data squad/dev-v1.1.json"""
-PREDICT_HELP = "write a fine-tuned model's predictions for a file (labelled or not)"
-PREDICT_EXAMPLES = """\
-  bertforge predict --model runs/rte/model --data glue/RTE/test.tsv --output preds/rte
-  bertforge predict --model runs/squad/model --data squad/dev-v1.1.json --output preds/squad"""
 
 
 def add_finetune_arguments(p: argparse.ArgumentParser) -> None:

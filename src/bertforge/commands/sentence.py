@@ -11,23 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bertforge.workflows.pretrain_cli import add_run_folder_arguments, run_folder_flags
-
-SENTENCE_HELP = "train a sentence-embedding model (Sentence-BERT) on NLI or scored pairs"
-SENTENCE_EXAMPLES = """\
-  bertforge sentence-train --model path/to/bert --train snli/dev_full.tsv --loss mnrl --dev stsb/dev.tsv
-  bertforge sentence-train --model MODEL --train sick/SICK_train.txt --loss softmax --epochs 2
-  bertforge sentence-train --model MODEL --train stsb/train.tsv --loss cosent --dev stsb/dev.tsv \\
-      --calibrate mrpc/dev.tsv --calibrate-task mrpc --output runs/sbert"""
-STS_HELP = "zero-shot STS: Spearman / Pearson (x100) of cosine similarity vs gold scores"
-STS_EXAMPLES = """\
-  bertforge sts-eval --model path/to/all-MiniLM-L6-v2 --data stsb/dev.tsv
-  bertforge sts-eval --model runs/sbert/model --data sick/SICK_trial.txt --json"""
-DISTILL_HELP = "distil a fine-tuned (or MLM) teacher into a smaller student: score kept and speed-up"
-DISTILL_EXAMPLES = """\
-  bertforge distill --teacher runs/sst2/model --data glue/SST-2 --task sst2 --output runs/distill
-  bertforge distill --teacher runs/sst2/model --data glue/SST-2 --student-preset mini --no-init-from-teacher
-  bertforge distill --teacher runs/pretrain/model --data data/shards --mlm --max-steps 2000 loss.hidden_weight=1"""
+from bertforge.commands.pretrain import add_run_folder_arguments, run_folder_flags
 
 
 def _common(p: argparse.ArgumentParser) -> None:

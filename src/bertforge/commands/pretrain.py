@@ -1,4 +1,5 @@
-"""`bertforge pretrain` and `bertforge sanity`: argument tables and runners (rows in cli.COMMANDS).
+"""`bertforge pretrain` and `bertforge sanity`: argument tables and runners (rows in cli.COMMANDS), and the
+`--resume/--resume-from/--overwrite` options every training command shares.
 
 Both take the same run config: a recipe file (`--config configs/cpu-budget.yaml`), a few common
 flags, and any field as a dotted override (`optim.lr=1e-3 model.preset=small`).
@@ -75,26 +76,9 @@ def add_sanity_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_sanity(args: argparse.Namespace) -> int:
-    from bertforge.data.dataset import PackedDataset
-    from bertforge.data.masking import MLMCollator
-    from bertforge.errors import BertforgeError
-    from bertforge.model.heads import BertForMaskedLM
-    from bertforge.wordpiece import WordPieceTokenizer
-    from bertforge.workflows.pretrain import build_model_config, data_tokenizer_path
-    from bertforge.workflows.sanity import run_sanity as run
+    from bertforge.workflows.sanity import sanity_on_data
 
-    cfg = resolve_config(args)
-    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise BertforgeError(f"{flag} {value} is out of range: pass 1 or more")
-    if not cfg.data.path:
-        raise BertforgeError("sanity needs data: pass --data DIR (a `bertforge prepare` output)")
-    rows = PackedDataset(cfg.data.path, "train")
-    tokenizer = WordPieceTokenizer.from_pretrained(data_tokenizer_path(cfg.data, rows.manifest))
-    model = BertForMaskedLM(build_model_config(cfg.model, tokenizer.vocab_size))
-    collator = MLMCollator.from_tokenizer(tokenizer, cfg.masking, seed=cfg.train.seed)
-    batch_rows = rows.rows(list(range(min(args.batch_size, len(rows)))))
-    report = run(model, batch_rows, collator, cfg.optim, steps=args.steps, target_loss=args.target_loss,
-                 seed=cfg.train.seed)
+    report = sanity_on_data(resolve_config(args), steps=args.steps, batch_size=args.batch_size,
+                            target_loss=args.target_loss)
     print(report.render())
     return 0 if report.passed else 1
