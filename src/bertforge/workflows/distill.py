@@ -41,6 +41,7 @@ from bertforge.data.masking import IGNORE_INDEX, MaskingConfig
 from bertforge.errors import require
 from bertforge.model.bert import BertConfig
 from bertforge.model.loading import load_model
+from bertforge.train.batches import EpochBatches, shuffled_batches
 from bertforge.train.faults import stopped_early
 from bertforge.train.loop import Trainer
 from bertforge.train.optim import OptimConfig, build_optimizer, build_schedule
@@ -57,15 +58,15 @@ MODES = ("task", "mlm")
 
 # ------------------------------------------------------------------------------------------- data
 
-class ExampleBatches:
-    """Stateful shuffled batches of tokenized (ids, token types, label) rows, padded per batch."""
+class ExampleBatches(EpochBatches):
+    """Shuffled batches of tokenized (ids, token types, label) rows, padded per batch (train/batches.py)."""
 
     def __init__(self, ids: list[list[int]], types: list[list[int]], labels: list, batch_size: int, seed: int,
                  pad_id: int):
         require(len(ids) > 0, "the training data gave no examples: pass a non-empty file")
         self.ids, self.types, self.labels, self.B, self.seed, self.pad_id = ids, types, labels, batch_size, seed, pad_id
-        self.epoch, self.position = 0, 0
-        self.per_epoch = math.ceil(len(ids) / batch_size)
+        super().__init__(lambda epoch: shuffled_batches(len(ids), batch_size, seed, epoch), self.collate)
+        self.per_epoch = self.per_rank
 
     def collate(self, rows) -> dict[str, torch.Tensor]:
         T = max(len(self.ids[i]) for i in rows)
@@ -79,19 +80,6 @@ class ExampleBatches:
 
     def in_order(self) -> list[dict[str, torch.Tensor]]:
         return [self.collate(range(i, min(i + self.B, len(self.ids)))) for i in range(0, len(self.ids), self.B)]
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        if self.position >= self.per_epoch:
-            self.epoch, self.position = self.epoch + 1, 0
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.ids))
-        self.position += 1
-        return self.collate(order[(self.position - 1) * self.B:self.position * self.B].tolist())
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
 
 
 def featurize(tokenizer, examples, max_len: int) -> tuple[list[list[int]], list[list[int]], list, int]:

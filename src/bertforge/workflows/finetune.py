@@ -43,6 +43,7 @@ from bertforge import config as conf
 from bertforge.errors import require
 from bertforge.model.loading import load_model
 from bertforge.train import distributed as dist
+from bertforge.train.batches import EpochBatches
 from bertforge.train.faults import stopped_early
 from bertforge.train.loop import Trainer
 from bertforge.train.optim import OptimConfig, build_optimizer, build_schedule
@@ -116,8 +117,8 @@ def validate(cfg: FinetuneRunConfig) -> None:
                 "the reported dev set: drop select=best or drop --protocol")
 
 
-class ExampleBatches:
-    """Stateful, resumable training batches over featurized examples.
+class ExampleBatches(EpochBatches):
+    """Resumable fine-tuning batches over featurized examples (train/batches.py runs them).
 
     Epoch e permutes the features with `default_rng([seed, e])`; features of one group (the choice
     count for multiple choice) are cut into chunks of `bucket` batches, each chunk sorted by length
@@ -130,16 +131,13 @@ class ExampleBatches:
                  lengths: list[int], groups: list[int], group_by_length: bool = True, bucket: int = 50,
                  rank: int = 0, world: int = 1):
         require(len(features) > 0, "no training examples: pass a non-empty training file")
-        self.features, self.collate, self.B, self.seed = features, collate, batch_size, seed
+        self.features, self.B, self.seed = features, batch_size, seed
         self.lengths, self.groups = np.asarray(lengths), np.asarray(groups)
-        self.group_by_length, self.bucket, self.rank, self.world = group_by_length, bucket, rank, world
-        self.per_rank = len(self.epoch_batches(0)) // world
-        require(self.per_rank >= 1, f"{len(features)} training features make fewer batches than the {world} "
-                "processes: use fewer processes or more data")
-        self.epoch, self.position = 0, 0
-        self._cache: tuple[int, list[np.ndarray]] | None = None
+        self.group_by_length, self.bucket = group_by_length, bucket
+        super().__init__(self.plan_epoch, lambda idx: collate([features[i] for i in idx]), rank=rank, world=world,
+                         what=f"{len(features)} training features")
 
-    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+    def plan_epoch(self, epoch: int) -> list[np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch])
         perm = rng.permutation(len(self.features))
         chunk = self.B * self.bucket if self.group_by_length else self.B
@@ -152,21 +150,6 @@ class ExampleBatches:
                     part = part[np.argsort(self.lengths[part], kind="stable")]
                 batches += [part[i:i + self.B] for i in range(0, len(part), self.B)]
         return [batches[i] for i in rng.permutation(len(batches))]
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        if self.position >= self.per_rank:
-            self.epoch, self.position = self.epoch + 1, 0
-        if self._cache is None or self._cache[0] != self.epoch:
-            self._cache = (self.epoch, self.epoch_batches(self.epoch))
-        idx = self._cache[1][self.position * self.world + self.rank]
-        self.position += 1
-        return self.collate([self.features[i] for i in idx])
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
 
 
 def task_settings(cfg: FinetuneRunConfig) -> TaskSettings:

@@ -31,6 +31,7 @@ from bertforge.config import config_to_dict, parse_duration
 from bertforge.errors import require
 from bertforge.eval.metrics import pearson, spearman
 from bertforge.model.folders import load_encoder
+from bertforge.train.batches import EpochBatches
 from bertforge.train.faults import stopped_early
 from bertforge.train.loop import Trainer
 from bertforge.train.optim import OptimConfig, build_optimizer, build_schedule
@@ -89,8 +90,9 @@ def no_duplicate_batches(keys: list[tuple[str, ...]], order: np.ndarray, batch_s
     return batches
 
 
-class PairBatches:
-    """Stateful batches of K tokenized text columns (+ labels): shuffled per epoch from (seed, epoch)."""
+class PairBatches(EpochBatches):
+    """Batches of K tokenized text columns (+ labels), shuffled per epoch from (seed, epoch); with `texts`,
+    a batch holds each text at most once (in-batch negatives stay negatives). Runs on train/batches.py."""
 
     def __init__(self, columns: list[list[list[int]]], labels: list | None, batch_size: int, seed: int,
                  pad_id: int, texts: list[tuple[str, ...]] | None = None):
@@ -98,17 +100,13 @@ class PairBatches:
         self.texts = texts  # set: batches hold each text at most once
         self.n = len(columns[0])
         require(self.n >= 1, "the training file gave no examples: pass a non-empty file")
-        self.epoch, self.position, self._epoch_batches = 0, 0, None
+        super().__init__(self.plan_epoch, self.collate)
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        if self._epoch_batches is None or self._epoch_batches[0] != epoch:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            if self.texts is not None:
-                batches = no_duplicate_batches(self.texts, order, self.B)
-            else:
-                batches = [order[i:i + self.B].tolist() for i in range(0, self.n, self.B)]
-            self._epoch_batches = (epoch, batches)
-        return self._epoch_batches[1]
+    def plan_epoch(self, epoch: int) -> list[list[int]]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        if self.texts is not None:
+            return no_duplicate_batches(self.texts, order, self.B)
+        return [order[i:i + self.B].tolist() for i in range(0, self.n, self.B)]
 
     def collate(self, rows: list[int]) -> dict[str, torch.Tensor]:
         T = max(len(col[i]) for col in self.columns for i in rows)
@@ -120,19 +118,6 @@ class PairBatches:
         if self.labels is not None:
             batch["labels"] = torch.tensor([self.labels[i] for i in rows])
         return batch
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        if self.position >= len(self.epoch_batches(self.epoch)):
-            self.epoch, self.position = self.epoch + 1, 0
-        rows = self.epoch_batches(self.epoch)[self.position]
-        self.position += 1
-        return self.collate(rows)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
 
 
 def training_examples(path: str, loss: str, hard_negatives: bool, limit: int | None, seed: int
