@@ -33,9 +33,9 @@ def bertforge_run(model: str, args, out: Path) -> dict:
     from bertforge.workflows.finetune import load_finetune_config, main
 
     cfg = load_finetune_config(overrides=[
-        "task=sst2", f"model={model}", f"data.path={DATA / 'sst2'}", f"data.max_train_examples={args.steps * args.batch_size}",
+        "task=sst2", f"model.path={model}", f"data.path={DATA / 'sst2'}", f"data.max_train_examples={args.steps * args.batch_size}",
         "data.max_eval_examples=32", f"data.max_seq_length={args.max_seq_length}",
-        f"data.group_by_length={str(args.group_by_length).lower()}", f"train.batch_size={args.batch_size}", "epochs=1",
+        f"data.group_by_length={str(args.group_by_length).lower()}", f"train.batch_size={args.batch_size}", "train.epochs=1",
         f"train.output_dir={out}", "train.device=cpu", "train.progress=false", "train.log_every=1",
         "optim.lr=2e-5", "optim.warmup_ratio=0.1", "optim.weight_decay=0.01"])
     start = time.perf_counter()

@@ -55,8 +55,8 @@ def tiny_model(shared_data, tmp_path_factory) -> Path:
 
 def run(out: Path, model: Path | str, task: str, *overrides: str, train: int = 64, dev: int = 32) -> dict:
     cfg = load_finetune_config(overrides=[
-        f"task={task}", f"model={model}", f"train.output_dir={out}", "train.progress=false", "train.log_every=1",
-        "train.batch_size=16", "epochs=1", f"data.max_train_examples={train}", f"data.max_eval_examples={dev}",
+        f"task={task}", f"model.path={model}", f"train.output_dir={out}", "train.progress=false", "train.log_every=1",
+        "train.batch_size=16", "train.epochs=1", f"data.max_train_examples={train}", f"data.max_eval_examples={dev}",
         *overrides])
     return main(cfg)
 
@@ -175,7 +175,7 @@ def test_multiple_choice_end_to_end(task, overrides, tiny_model, shared_data, tm
 def test_overfit_loss_goes_down(tiny_model, shared_data, tmp_path):
     """16 SST-2 sentences, 20 epochs at a high rate: the loss falls and the model fits them all."""
     out, train = tmp_path / "overfit", shared_data / "sst2/train.tsv"
-    result = run(out, tiny_model, "sst2", f"data.train_file={train}", f"data.dev_files={train}", "epochs=20",
+    result = run(out, tiny_model, "sst2", f"data.train_file={train}", f"data.dev_files={train}", "train.epochs=20",
                  "train.batch_size=8", "optim.lr=1e-2", "optim.warmup_ratio=0", "train.eval_every=1000",
                  "train.save_every=1000", train=16, dev=16)
     curve = losses(out)
@@ -185,7 +185,7 @@ def test_overfit_loss_goes_down(tiny_model, shared_data, tmp_path):
 
 
 def test_resume_equals_uninterrupted(tiny_model, shared_data, tmp_path, monkeypatch):
-    args = ("sst2", f"data.path={shared_data}/sst2", "epochs=2", "train.batch_size=8", "select=last")
+    args = ("sst2", f"data.path={shared_data}/sst2", "train.epochs=2", "train.batch_size=8", "select=last")
     full = run(tmp_path / "full", tiny_model, *args, train=32, dev=16)  # 4 steps per epoch, checkpoint at 4
     calls = {"n": 0}
     original = ExampleBatches.next_batch
@@ -279,16 +279,34 @@ def test_cli_functions(tiny_model, shared_data, tmp_path, capsys):
 
 
 def test_glue_sane_protocol():
-    cfg = load_finetune_config(protocol="glue-sane", overrides=["task=rte", "model=m", "data.path=d"])
-    assert (cfg.epochs, cfg.seeds, cfg.select, cfg.train.batch_size) == (5, 5, "last", 16)
+    cfg = load_finetune_config(protocol="glue-sane", overrides=["task=rte", "model.path=m", "data.path=d"])
+    assert (cfg.train.epochs, cfg.seeds, cfg.select, cfg.train.batch_size) == (5, 5, "last", 16)
     assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_ratio) == (4e-5, "cosine", 0.1)
     finetune.validate(cfg)
-    assert finetune.PROTOCOLS["glue-sane"]["epochs"] == 5  # the preset itself is not mutated
-    for bad, match in (("epochs=6", "at most 5 epochs"), ("select=best", "last checkpoint"),
+    assert finetune.PROTOCOLS["glue-sane"]["train"]["epochs"] == 5  # the preset itself is not mutated
+    for bad, match in (("train.epochs=6", "at most 5 epochs"), ("select=best", "last checkpoint"),
                        ("task=squad", "GLUE-style tasks"), ("train.max_steps=10", "whole epochs")):
         with pytest.raises(BertforgeError, match=match):
-            finetune.validate(load_finetune_config(protocol="glue-sane", overrides=["task=rte", "model=m",
+            finetune.validate(load_finetune_config(protocol="glue-sane", overrides=["task=rte", "model.path=m",
                                                                                   "data.path=d", bad]))
+
+
+def test_old_config_keys_still_read_with_a_one_line_note(capsys):
+    """`epochs` and `model: DIR` (finetune) and `data.epochs` (sentence-train, distill) moved to `train.epochs`
+    and `model.path`; for one release the old keys are read, each with a note naming the new one."""
+    from bertforge.config import load_run_config
+    from bertforge.workflows.distill import DistillRunConfig
+    from bertforge.workflows.sentence import SentenceRunConfig
+
+    cfg = load_finetune_config(overrides=["task=rte", "model=some/dir", "epochs=2", "data.path=d"])
+    assert (cfg.model.path, cfg.train.epochs) == ("some/dir", 2)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(line.startswith("note: ") and "deprecated" in line for line in err)
+    assert "use 'train.epochs'" in err[0] and "use 'model.path'" in err[1]
+    for cls in (SentenceRunConfig, DistillRunConfig):
+        assert load_run_config(cls, overrides=["data.epochs=4"]).train.epochs == 4
+        assert "use 'train.epochs'" in capsys.readouterr().err
+    assert load_finetune_config(overrides=["train.epochs=2"]).train.epochs == 2 and capsys.readouterr().err == ""
 
 
 def test_example_batches_order_state_and_groups():

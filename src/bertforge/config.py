@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -222,4 +223,21 @@ def load_run_config(cls: type[T], *, file: str | Path | None = None, overrides: 
     for item in overrides or []:
         path, value = parse_override(item)
         merge_into(data, path, value)
+    rename_deprecated(data, getattr(cls, "RENAMED", {}))
     return from_dict(cls, data)
+
+
+def rename_deprecated(data: dict, renamed: dict[str, str]) -> None:
+    """Move keys a run config used to have to their new place, with a one-line note each: {"epochs":
+    "train.epochs"}; a scalar given where a section now stands (`model: DIR` for `model.path`) moves too."""
+    for old, new in renamed.items():
+        *parents, leaf = old.split(".")
+        node = data
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node or isinstance(node[leaf], dict):
+            continue
+        value = node.pop(leaf)
+        merge_into(data, new.split("."), value)
+        print(f"note: '{old}' is deprecated and will be removed in the next release: use '{new}' (read as "
+              f"{new}={value!r})", file=sys.stderr)

@@ -45,8 +45,8 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
 def finetune_config_from_args(args: argparse.Namespace):
     from bertforge.workflows.finetune import load_finetune_config
 
-    flags = {"task": args.task, "model": args.model, "data.path": args.data, "train.output_dir": args.output,
-             "epochs": args.epochs, "optim.lr": args.lr, "train.batch_size": args.batch_size,
+    flags = {"task": args.task, "model.path": args.model, "data.path": args.data, "train.output_dir": args.output,
+             "train.epochs": args.epochs, "optim.lr": args.lr, "train.batch_size": args.batch_size,
              "data.max_seq_length": args.max_seq_length, "seeds": args.seeds, "train.seed": args.seed,
              "data.truncate": False if args.no_truncate else None, **run_folder_flags(args),
              "train.progress": False if args.no_progress else None}

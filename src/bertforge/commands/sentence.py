@@ -29,7 +29,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _common_flags(args: argparse.Namespace) -> dict:
-    return {"train.output_dir": args.output, "data.epochs": args.epochs, "train.max_steps": args.max_steps,
+    return {"train.output_dir": args.output, "train.epochs": args.epochs, "train.max_steps": args.max_steps,
             "optim.lr": args.lr, "train.batch_size": args.batch_size, "data.max_seq_length": args.max_seq_length,
             "train.seed": args.seed, **run_folder_flags(args),
             "train.progress": False if args.no_progress else None}

@@ -29,7 +29,7 @@ from bertforge.train import distributed as dist
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "metrics.json", "checkpoints", "model", "tensorboard")
 # settings that may change when a run is continued (budget, logging, where things are); every other one
 # (model, data order, masking, optimizer, batch, seed, precision, parallelism) must match the checkpoint's
-MAY_CHANGE = {"max_steps", "max_tokens", "time_budget", "progress", "log_every", "eval_every", "eval_every_minutes",
+MAY_CHANGE = {"epochs", "max_steps", "max_tokens", "time_budget", "progress", "log_every", "eval_every", "eval_every_minutes",
               "save_every", "save_every_minutes", "keep_last", "resume", "resume_from", "overwrite", "output_dir",
               "tensorboard", "dist_timeout_minutes", "device", "loss_threshold", "loss_threshold_after",
               "plateau_warn_after", "path", "tokenizer", "eval_rows", "eval_batches", "eval_limit",

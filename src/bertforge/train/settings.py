@@ -27,6 +27,8 @@ class TrainConfig:
     # budget, in whole micro-batches. The micro-batch stays fixed, so the data position stays exact.
     batch_ramp_start: int = 0  # 0 = no ramp; else a multiple of batch_size, <= batch_size * grad_accum
     batch_ramp: float = 0.0  # share of the budget (steps, tokens or time) spent ramping
+    epochs: float | None = None  # passes over the data when no other budget is set (None: the workflow's
+    # default, fine-tuning 3, sentence-train and distill 1); pretraining sets max_steps/tokens/time instead
     max_steps: int | None = None  # optimizer steps
     max_tokens: int | None = None  # non-padding tokens seen, all processes
     time_budget: str | None = None  # wall clock, e.g. "1h", "45m"

@@ -30,6 +30,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -167,7 +168,6 @@ class DistillDataConfig:
     max_seq_length: int = 128
     limit: int | None = None  # first N training examples
     eval_limit: int | None = None
-    epochs: float = 1.0  # used when train.max_steps, max_tokens and time_budget are all unset
     eval_batch_size: int = 64
     eval_batches: int = 20  # mlm: validation batches (fixed masks)
     speed_batches: int = 10  # dev batches timed for the speed-up
@@ -182,6 +182,8 @@ class DistillRunConfig:
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_ratio=0.1))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/distill"))
+
+    RENAMED: ClassVar[dict[str, str]] = {"data.epochs": "train.epochs"}
 
 
 def student_config(cfg: StudentConfig, teacher: BertConfig) -> BertConfig:
@@ -268,7 +270,9 @@ def main(cfg: DistillRunConfig) -> dict:
     batches, per_epoch, eval_batches, extra = _task_data(cfg, tokenizer, max_len) if task_mode else _mlm_data(cfg, tokenizer)
     t = cfg.train
     if t.max_steps is None and t.max_tokens is None and t.time_budget is None:
-        t.max_steps = max(1, math.ceil(cfg.data.epochs * per_epoch / t.grad_accum))
+        epochs = 1.0 if t.epochs is None else t.epochs
+        require(epochs > 0, f"train.epochs={epochs} must be positive: pass e.g. 1")
+        t.max_steps = max(1, math.ceil(epochs * per_epoch / t.grad_accum))
     model = DistillationModel(student, teacher, cfg.loss, regression=bool(spec and spec.is_regression))
     device_type = "cuda" if torch.cuda.is_available() and t.device != "cpu" else "cpu"
     optimizer = build_optimizer(model, cfg.optim, device_type)

@@ -33,7 +33,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ from bertforge.workflows.evaluate import main_score, score_split
 from bertforge.workflows.tasks import TaskAdapter, TaskSettings, get_task_adapter, truncation_note
 
 PROTOCOLS: dict[str, dict] = {
-    "glue-sane": {"epochs": 5, "seeds": 5, "select": "last", "train": {"batch_size": 16},
+    "glue-sane": {"seeds": 5, "select": "last", "train": {"batch_size": 16, "epochs": 5},
                   "optim": {"lr": 4e-5, "schedule": "cosine", "warmup_ratio": 0.1},
                   "data": {"max_seq_length": 128}},
 }
@@ -72,18 +72,31 @@ class FinetuneDataConfig(TaskSettings):
 
 
 @dataclass
+class FinetuneModelConfig:
+    path: str = ""  # our model directory, an HF BERT or a sentence-transformers directory (or a hub id)
+
+
+DEFAULT_EPOCHS = 3.0  # train.epochs when unset
+
+
+@dataclass
 class FinetuneRunConfig:
     task: str = ""
-    model: str = ""  # our model directory, an HF BERT or a sentence-transformers directory
+    model: FinetuneModelConfig = field(default_factory=lambda: FinetuneModelConfig())
     tokenizer: str | None = None  # default: the model directory's tokenizer
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5, warmup_ratio=0.1))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         output_dir="runs/finetune", batch_size=32, log_every=20, keep_last=1, max_steps=None))
-    epochs: float = 3.0  # converted into train.max_steps (unless train.max_steps is set)
     seeds: int = 1  # N > 1: N runs into seed_<s>/ and their median
     protocol: str | None = None  # "glue-sane"
     select: str = "best"  # kept model: "best" evaluation or "last"
+
+    RENAMED: ClassVar[dict[str, str]] = {"epochs": "train.epochs", "model": "model.path"}
+
+
+def epochs_of(cfg: FinetuneRunConfig) -> float:
+    return cfg.train.epochs if cfg.train.epochs is not None else DEFAULT_EPOCHS
 
 
 def load_finetune_config(file: str | Path | None = None, overrides: list[str] | None = None,
@@ -99,10 +112,11 @@ def load_finetune_config(file: str | Path | None = None, overrides: list[str] | 
 
 def validate(cfg: FinetuneRunConfig) -> None:
     require(bool(cfg.task), "no task: pass --task (e.g. sst2, mnli, squad, arc_easy)")
-    require(bool(cfg.model), "no model: pass --model (our model directory or a Hugging Face BERT directory)")
+    require(bool(cfg.model.path), "no model: pass --model (our model directory or a Hugging Face BERT directory)")
     require(bool(cfg.data.path or cfg.data.train_file), "no data: pass --data (a folder or hub:<name>) or "
             "data.train_file=FILE")
-    require(cfg.epochs > 0 and cfg.seeds >= 1, f"epochs={cfg.epochs}, seeds={cfg.seeds}: need epochs > 0, seeds >= 1")
+    epochs = epochs_of(cfg)
+    require(epochs > 0 and cfg.seeds >= 1, f"train.epochs={epochs}, seeds={cfg.seeds}: need epochs > 0, seeds >= 1")
     require(cfg.train.batch_size >= 1, f"train.batch_size={cfg.train.batch_size}: pass --batch-size 1 or more")
     require(cfg.select in ("best", "last"), f"select={cfg.select!r}: use best or last")
     require(cfg.protocol is None or cfg.protocol in PROTOCOLS,
@@ -111,8 +125,8 @@ def validate(cfg: FinetuneRunConfig) -> None:
         require(get_task_adapter(cfg.task).head == "sequence_classification", f"protocol {cfg.protocol} is for "
                 f"GLUE-style tasks, not {cfg.task}: drop --protocol")
         require(cfg.train.max_steps is None, f"protocol {cfg.protocol} trains whole epochs: drop train.max_steps")
-        require(cfg.epochs <= MAX_EPOCHS[cfg.protocol], f"protocol {cfg.protocol} allows at most "
-                f"{MAX_EPOCHS[cfg.protocol]} epochs, got {cfg.epochs}: lower --epochs or drop --protocol")
+        require(epochs <= MAX_EPOCHS[cfg.protocol], f"protocol {cfg.protocol} allows at most "
+                f"{MAX_EPOCHS[cfg.protocol]} epochs, got {epochs}: lower --epochs or drop --protocol")
         require(cfg.select == "last", f"protocol {cfg.protocol} reports the last checkpoint, not one chosen on "
                 "the reported dev set: drop select=best or drop --protocol")
 
@@ -188,9 +202,9 @@ def load_splits(cfg: FinetuneRunConfig, adapter: TaskAdapter) -> tuple[list, dic
 def _load(cfg: FinetuneRunConfig, adapter: TaskAdapter, settings: TaskSettings):
     from bertforge.wordpiece import WordPieceTokenizer
 
-    loaded = load_model(cfg.model, head=adapter.head, num_labels=adapter.num_labels)
+    loaded = load_model(cfg.model.path, head=adapter.head, num_labels=adapter.num_labels)
     tokenizer = WordPieceTokenizer.from_pretrained(cfg.tokenizer) if cfg.tokenizer else loaded.tokenizer
-    require(tokenizer is not None, f"model '{cfg.model}' has no tokenizer files: pass tokenizer=PATH")
+    require(tokenizer is not None, f"model '{cfg.model.path}' has no tokenizer files: pass tokenizer=PATH")
     require(tokenizer.vocab_size <= loaded.config.vocab_size, f"tokenizer of {tokenizer.vocab_size} tokens "
             f"does not fit the model's vocab_size {loaded.config.vocab_size}: pass the model's own tokenizer")
     positions = loaded.config.max_position_embeddings
@@ -232,14 +246,14 @@ def run_one(cfg: FinetuneRunConfig) -> dict:
                              group_by_length=cfg.data.group_by_length, rank=dist.rank(), world=dist.world_size())
     per_epoch = math.ceil(batches.per_rank / cfg.train.grad_accum)
     t = cfg.train
-    train_cfg = replace(t, max_steps=t.max_steps or max(1, math.ceil(cfg.epochs * per_epoch)),
+    train_cfg = replace(t, max_steps=t.max_steps or max(1, math.ceil(epochs_of(cfg) * per_epoch)),
                         eval_every=t.eval_every or (0 if t.eval_every_minutes else per_epoch),
                         save_every=t.save_every or (0 if t.save_every_minutes else per_epoch),
                         best_metric="eval_score", greater_is_better=True)
     device_type = "cuda" if torch.cuda.is_available() and t.device != "cpu" else "cpu"
     optimizer = build_optimizer(model, cfg.optim, device_type)
     scheduler = build_schedule(optimizer, cfg.optim, train_cfg.max_steps)
-    meta = {"task": adapter.name, "settings": asdict(settings), "base_model": cfg.model, "id2label": adapter.id2label}
+    meta = {"task": adapter.name, "settings": asdict(settings), "base_model": cfg.model.path, "id2label": adapter.id2label}
 
     def evaluate(m: nn.Module) -> dict:
         if not dist.is_main():
@@ -262,7 +276,7 @@ def run_one(cfg: FinetuneRunConfig) -> dict:
         return {}
     kept = trainer.ckpt.best() if cfg.select == "best" else None
     metrics = _score_kept(model, kept, adapter, evals, settings, out)
-    result = {"task": adapter.name, "model": cfg.model, "seed": seed, **metrics}
+    result = {"task": adapter.name, "model": cfg.model.path, "seed": seed, **metrics}
     _write_json(out / "metrics.json", result)
     _write_json(out / "summary.json", {**summary, "kept": kept.name if kept else "last", "steps_per_epoch": per_epoch,
                                        "truncated": {"train": cut, **{s: e[2] for s, e in evals.items()}},

@@ -21,6 +21,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -265,7 +266,6 @@ class SentenceDataConfig:
     max_seq_length: int = 128
     limit: int | None = None  # first N training pairs
     eval_limit: int | None = None
-    epochs: float = 1.0  # used when train.max_steps, max_tokens and time_budget are all unset
     eval_batch_size: int = 64
 
 
@@ -296,6 +296,8 @@ class SentenceRunConfig:
                                                                    best_metric="eval_spearman",
                                                                    greater_is_better=True))
 
+    RENAMED: ClassVar[dict[str, str]] = {"data.epochs": "train.epochs"}
+
 
 def load_encoder_for_training(cfg: SentenceModelConfig):
     """(SentenceEncoder, tokenizer) from cfg.path with pooling / normalize overrides applied."""
@@ -314,8 +316,9 @@ def load_encoder_for_training(cfg: SentenceModelConfig):
 def _set_budget(cfg: SentenceRunConfig, batches_per_epoch: int) -> None:
     t = cfg.train
     if t.max_steps is None and t.max_tokens is None and t.time_budget is None:
-        require(cfg.data.epochs > 0, f"data.epochs={cfg.data.epochs} must be positive: pass e.g. 1")
-        t.max_steps = max(1, math.ceil(cfg.data.epochs * batches_per_epoch / t.grad_accum))
+        epochs = 1.0 if t.epochs is None else t.epochs
+        require(epochs > 0, f"train.epochs={epochs} must be positive: pass e.g. 1")
+        t.max_steps = max(1, math.ceil(epochs * batches_per_epoch / t.grad_accum))
 
 
 def main(cfg: SentenceRunConfig) -> dict:
