@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,6 @@ import torch
 from torch import nn
 
 from bertforge.atomic import atomic_open
-from bertforge.data.corpus import CorpusLines, iter_lines
 from bertforge.errors import BertforgeError
 from bertforge.model.export import uses_remote_code, write_transformers_folder
 from bertforge.model.folders import (
@@ -30,7 +28,6 @@ from bertforge.model.folders import (
 )
 from bertforge.model.loading import export_hf, save_model, write_atomic
 from bertforge.model.onnx_export import ONNX_NAME, export_onnx
-from bertforge.wordpiece import train_wordpiece
 
 MLM_HEADS = ("masked_lm", "pretraining")
 EMBEDDING_FORMATS = (".npy", ".jsonl", ".csv")
@@ -288,26 +285,3 @@ def _convert_onnx(source, loaded, dest: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- tokenizer train
-
-
-def train_tokenizer(corpus: list[str], out, *, vocab_size: int = 30522, lowercase: bool = True,
-                    strip_accents: bool | None = None, min_frequency: int = 2, limit_alphabet: int = 1000,
-                    overwrite: bool = False) -> dict:
-    """Train a WordPiece vocabulary on `corpus` (files, folders, .gz, .jsonl) and save it in `out`."""
-
-    out_path = Path(out)
-    if out_path.exists() and not out_path.is_dir():
-        raise BertforgeError(f"tokenizer output '{out}' is a file: pass a folder")
-    if out_path.is_dir() and (out_path / "vocab.txt").exists() and not overwrite:
-        raise BertforgeError(f"'{out}' already holds a vocab.txt: pass another --out or --overwrite")
-    start = time.perf_counter()
-    tokenizer = train_wordpiece(CorpusLines(corpus), vocab_size=vocab_size, lowercase=lowercase,
-                                strip_accents=strip_accents, min_frequency=min_frequency,
-                                limit_alphabet=limit_alphabet, show_progress=sys.stderr.isatty())
-    seconds = time.perf_counter() - start
-    out_path.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(out_path)
-    example = next(iter_lines(corpus))[:80]
-    return {"vocab_size": tokenizer.vocab_size, "seconds": seconds, "out": str(out_path),
-            "files": sorted(p.name for p in out_path.iterdir()), "example": example,
-            "example_tokens": tokenizer.tokenize(example), "tokenizer": tokenizer}

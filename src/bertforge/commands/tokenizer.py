@@ -22,7 +22,7 @@ def add_tokenizer_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_tokenizer_train(args: argparse.Namespace) -> int:
-    from bertforge.inference import train_tokenizer
+    from bertforge.data.vocabulary import train_tokenizer
 
     info = train_tokenizer(args.corpus, args.out, vocab_size=args.vocab_size, lowercase=args.lowercase,
                            strip_accents=args.strip_accents, min_frequency=args.min_frequency,
