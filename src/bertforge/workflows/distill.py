@@ -53,45 +53,12 @@ from bertforge.workflows.distill_model import (
     init_student_from_teacher,
     kd_loss,
 )
+from bertforge.workflows.tasks import ClassificationTask, TaskSettings
 
 MODES = ("task", "mlm")
 
 
 # ------------------------------------------------------------------------------------------- data
-
-class ExampleBatches(EpochBatches):
-    """Shuffled batches of tokenized (ids, token types, label) rows, padded per batch (train/batches.py)."""
-
-    def __init__(self, ids: list[list[int]], types: list[list[int]], labels: list, batch_size: int, seed: int,
-                 pad_id: int):
-        require(len(ids) > 0, "the training data gave no examples: pass a non-empty file")
-        self.ids, self.types, self.labels, self.B, self.seed, self.pad_id = ids, types, labels, batch_size, seed, pad_id
-        super().__init__(lambda epoch: shuffled_batches(len(ids), batch_size, seed, epoch), self.collate)
-        self.per_epoch = self.per_rank
-
-    def collate(self, rows) -> dict[str, torch.Tensor]:
-        T = max(len(self.ids[i]) for i in rows)
-        ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)  # (B, T)
-        types = torch.zeros((len(rows), T), dtype=torch.long)
-        for b, i in enumerate(rows):
-            ids[b, :len(self.ids[i])] = torch.tensor(self.ids[i])
-            types[b, :len(self.types[i])] = torch.tensor(self.types[i])
-        return {"input_ids": ids, "attention_mask": (ids != self.pad_id).long(), "token_type_ids": types,
-                "labels": torch.tensor([self.labels[i] for i in rows])}
-
-    def in_order(self) -> list[dict[str, torch.Tensor]]:
-        return [self.collate(range(i, min(i + self.B, len(self.ids)))) for i in range(0, len(self.ids), self.B)]
-
-
-def featurize(tokenizer, examples, max_len: int) -> tuple[list[list[int]], list[list[int]], list, int]:
-    """(ids, token types, labels, how many were cut to max_len) of GLUE `Example`s (longest-first cut)."""
-    a = [e.text_a for e in examples]
-    b = [e.text_b for e in examples] if examples[0].text_b is not None else None
-    full = tokenizer.encode_batch(a, b, max_length=10**9, truncation=False)
-    cut = sum(len(e.input_ids) > max_len for e in full)
-    enc = tokenizer.encode_batch(a, b, max_length=max_len, truncation="longest_first") if cut else full
-    return [e.input_ids for e in enc], [e.token_type_ids for e in enc], [e.label for e in examples], cut
-
 
 # ------------------------------------------------------------------------------------------- evaluation
 
@@ -222,12 +189,16 @@ def _task_data(cfg: DistillRunConfig, tokenizer, max_len: int):
     require(d.dev is not None or Path(d.path).is_dir(), f"data.path '{d.path}' is a file: pass data.dev too")
     train = load_task_data(spec, d.path, "train")[:d.limit]
     dev = load_task_data(spec, d.dev or d.path, "dev")[:d.eval_limit]
-    *tr, cut_train = featurize(tokenizer, train, max_len)
-    *dv, cut_dev = featurize(tokenizer, dev, max_len)
-    pad = tokenizer.pad_token_id
-    batches = ExampleBatches(*tr, cfg.train.batch_size, cfg.train.seed, pad)
-    eval_batches = ExampleBatches(*dv, d.eval_batch_size, 0, pad).in_order()
-    return batches, batches.per_epoch, eval_batches, {"truncated_examples": cut_train + cut_dev}
+    # the fine-tuning task adapter featurizes and collates (longest-first cut at max_len, as HF)
+    adapter, settings = ClassificationTask(spec.name), TaskSettings(max_seq_length=max_len)
+    train_feats, cut_train = adapter.featurize(train, tokenizer, settings, "train")
+    dev_feats, cut_dev = adapter.featurize(dev, tokenizer, settings, "dev")
+    B, seed = cfg.train.batch_size, cfg.train.seed
+    batches = EpochBatches(lambda epoch: shuffled_batches(len(train_feats), B, seed, epoch),
+                           lambda idx: adapter.collate([train_feats[i] for i in idx]))
+    eval_batches = [adapter.collate(dev_feats[i:i + d.eval_batch_size])
+                    for i in range(0, len(dev_feats), d.eval_batch_size)]
+    return batches, batches.per_rank, eval_batches, {"truncated_examples": cut_train + cut_dev}
 
 
 def _mlm_data(cfg: DistillRunConfig, tokenizer):
