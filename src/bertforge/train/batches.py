@@ -7,9 +7,10 @@
 `plan(epoch)` returns the epoch's batches as lists of example indices, the same on every process (seeded
 by the run's seed and the epoch, never by the process); process r of W takes batches r, r + W, ... and an
 epoch ends after `len(plan(epoch)) // W` of them, so every process takes the same number. `collate(indices)`
-builds the tensors. Fine-tuning (length-grouped buckets), sentence-train (batches without a repeated text)
-and distillation (plain shuffles) differ only in their plan and collate; pretraining reads packed shards
-through `data.dataset.ShardLoader`, whose rows are already fixed-length and which follows the same rule.
+builds the tensors (`self.current` = (epoch, the batch's index in the plan) while it runs). Pretraining
+(packed rows in `data.dataset.ShardLoader`'s order, masks seeded per batch), fine-tuning (length-grouped
+buckets), sentence-train (batches without a repeated text) and distillation (plain shuffles) differ only in
+their plan and collate.
 """
 
 from __future__ import annotations
@@ -56,9 +57,10 @@ class EpochBatches:
     def next_batch(self) -> dict[str, torch.Tensor]:
         if self.position >= self.per_rank_in(self.epoch):
             self.epoch, self.position = self.epoch + 1, 0
-        idx = self.epoch_batches(self.epoch)[self.position * self.world + self.rank]
+        index = self.position * self.world + self.rank  # the batch's index in the epoch's plan
+        self.current = (self.epoch, index)  # for collates that seed by it (pretraining's masks)
         self.position += 1
-        return self.collate_indices(idx)
+        return self.collate_indices(self.epoch_batches(self.epoch)[index])
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}

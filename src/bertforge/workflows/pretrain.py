@@ -13,15 +13,18 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from bertforge.config import config_to_dict
+from bertforge.data.dataset import ShardLoader
 from bertforge.data.masking import MaskingConfig, MLMCollator
 from bertforge.data.mlm_eval import evaluate_mlm, unigram_loss
 from bertforge.errors import BertforgeError
 from bertforge.model.bert import BertConfig, pad_vocab_size
 from bertforge.train import distributed as dist
+from bertforge.train.batches import EpochBatches
 from bertforge.train.loop import Trainer
 from bertforge.train.optim import OptimConfig, build_optimizer, build_schedule
 from bertforge.train.settings import TrainConfig, seed_everything
@@ -59,16 +62,26 @@ def build_model_config(section: dict, vocab_size: int) -> BertConfig:
     return BertConfig.from_preset(preset, **fields)
 
 
-class PretrainBatches:
-    """ShardLoader rows + dynamic masks seeded by (seed, epoch, global micro-batch); resumable."""
+class PretrainBatches(EpochBatches):
+    """Packed rows of a prepared split in `data.dataset.ShardLoader`'s order (one permutation per (seed, epoch);
+    global micro-batch g holds rows g*B .. (g+1)*B - 1, process r takes g = r, r + W, ...), masked dynamically
+    with a generator seeded by (seed, epoch, g): every process and every resume masks a batch the same way.
+    The state keeps ShardLoader's format, so the loader settings are checked on resume."""
 
     def __init__(self, dataset, collator: MLMCollator, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        from bertforge.data.dataset import ShardLoader
-
-        self.loader = ShardLoader(dataset, batch_size, seed, rank=rank, world_size=world)
-        self.dataset, self.collator, self.seed = dataset, collator, seed
+        self.loader = ShardLoader(dataset, batch_size, seed, rank=rank, world_size=world)  # order + checks
+        self.dataset, self.collator, self.seed, self.B = dataset, collator, seed, batch_size
         self.start_rate = collator.cfg.mlm_probability  # a masking schedule starts here
-        self.rank, self.world = rank, world
+        super().__init__(self.plan_epoch, self.collate, rank=rank, world=world, what=f"{len(dataset)} rows")
+
+    def plan_epoch(self, epoch: int) -> list[np.ndarray]:
+        order, B = self.loader.order(epoch), self.B
+        return [order[g * B:(g + 1) * B] for g in range(len(self.loader) * self.world)]
+
+    def collate(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        epoch, g = self.current
+        self.collator.generator.manual_seed(mask_seed(self.seed, epoch, g))
+        return self.collator(self.dataset.batch(idx))
 
     def set_progress(self, progress: float) -> None:
         """A masking schedule (masking.mlm_probability_final): the rate for the budget share spent."""
@@ -77,21 +90,12 @@ class PretrainBatches:
             rate = self.start_rate + (cfg.mlm_probability_final - self.start_rate) * progress
             self.collator.cfg = replace(cfg, mlm_probability=round(rate, 6))
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        loader = self.loader
-        if loader.step >= len(loader):
-            loader.epoch, loader.step = loader.epoch + 1, 0
-        g = loader.step * self.world + self.rank  # global micro-batch index in this epoch
-        idx = loader.indices(loader.epoch, loader.step)
-        loader.step += 1
-        self.collator.generator.manual_seed(mask_seed(self.seed, loader.epoch, g))
-        return self.collator(self.dataset.batch(idx))
-
     def state_dict(self) -> dict:
-        return self.loader.state_dict()
+        return {**self.loader.state_dict(), "epoch": self.epoch, "step": self.position}
 
     def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
+        self.loader.load_state_dict(state)  # checks seed, batch size, world size, rows
+        self.epoch, self.position = self.loader.epoch, self.loader.step
 
 
 def mask_seed(seed: int, epoch: int, index: int) -> int:
