@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # bottom to top: a module may import its own layer and the layers below it
 LAYERS = (
-    ("base", ("_version", "errors", "atomic", "config", "eval")),
+    ("base", ("_version", "errors", "atomic", "config", "eval", "launch")),
     ("wordpiece", ("wordpiece",)),
     ("data", ("data",)),
     ("model", ("model",)),

@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 from bertforge import __version__
 from bertforge.errors import BertforgeError
+from bertforge.launch import launched_by_torchrun
 
 EXIT_USAGE = 2
 OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+=")
@@ -53,6 +54,14 @@ class Command(NamedTuple):
     add_arguments: Callable[[argparse.ArgumentParser], None] | str
     run: Callable[[argparse.Namespace], int] | str
     examples: str = ""
+
+
+def command(help: str, ref: str, examples: str = "") -> Command:
+    """A row whose functions are `add_NAME_arguments` and `run_NAME` in `bertforge.commands.MODULE`,
+    given as "MODULE:NAME" (e.g. "models:fill_mask")."""
+    module, _, name = ref.partition(":")
+    where = f"bertforge.commands.{module}"
+    return Command(help, f"{where}:add_{name}_arguments", f"{where}:run_{name}", examples)
 
 
 def resolve(ref):
@@ -116,97 +125,70 @@ GROUPS: dict[str, str] = {
 }
 
 COMMANDS: dict[str, Command] = {
-    "quickstart": Command(
-        "train a vocabulary, build a BERT and run it end to end (no network, no data needed)",
-        "bertforge.commands.quickstart:add_quickstart_arguments", "bertforge.commands.quickstart:run_quickstart",
+    "quickstart": command(
+        "train a vocabulary, build a BERT and run it end to end (no network, no data needed)", "quickstart:quickstart",
         "  bertforge quickstart\n"
         "  bertforge quickstart --out qs --max-mb 4 --vocab-size 16384\n"
         "  bertforge quickstart --corpus my_texts/ notes.txt.gz --preset tiny"),
-    "tokenizer train": Command(
-        "train a WordPiece vocabulary on text files, folders or .gz",
-        "bertforge.commands.tokenizer:add_tokenizer_train_arguments",
-        "bertforge.commands.tokenizer:run_tokenizer_train",
+    "tokenizer train": command(
+        "train a WordPiece vocabulary on text files, folders or .gz", "tokenizer:tokenizer_train",
         "  bertforge tokenizer train corpus.txt --out tok --vocab-size 8192\n"
         "  bertforge tokenizer train data/ wiki.txt.gz --out tok --no-lowercase"),
-    "fill-mask": Command(
-        "predict the tokens behind [MASK] with a masked-LM model",
-        "bertforge.commands.models:add_fill_mask_arguments", "bertforge.commands.models:run_fill_mask",
+    "fill-mask": command(
+        "predict the tokens behind [MASK] with a masked-LM model", "models:fill_mask",
         '  bertforge fill-mask bertforge-quickstart/model "the [MASK] of the module"\n'
         '  bertforge fill-mask path/to/bert-base-uncased "paris is the [MASK] of france." --top-k 3'),
-    "embed": Command(
-        "write sentence embeddings of a file of texts (.npy, .jsonl or .csv)",
-        "bertforge.commands.models:add_embed_arguments", "bertforge.commands.models:run_embed",
+    "embed": command(
+        "write sentence embeddings of a file of texts (.npy, .jsonl or .csv)", "models:embed",
         "  bertforge embed path/to/all-MiniLM-L6-v2 --input sentences.txt --output emb.npy\n"
         "  bertforge embed MODEL --input docs.jsonl --text-field body --output emb.jsonl"),
-    "similarity": Command(
-        "cosine similarity of two texts' sentence embeddings",
-        "bertforge.commands.models:add_similarity_arguments", "bertforge.commands.models:run_similarity",
+    "similarity": command(
+        "cosine similarity of two texts' sentence embeddings", "models:similarity",
         '  bertforge similarity path/to/all-MiniLM-L6-v2 "A man is eating." "Someone eats food."'),
-    "convert": Command(
-        "export a model to transformers, sentence-transformers or ONNX (every architecture)",
-        "bertforge.commands.models:add_convert_arguments", "bertforge.commands.models:run_convert",
+    "convert": command(
+        "export a model to transformers, sentence-transformers or ONNX (every architecture)", "models:convert",
         "  bertforge convert bertforge-quickstart/model hf-out --to hf\n"
         "  bertforge convert runs/cpu-budget/model st-out --to sentence-transformers\n"
         "  bertforge convert runs/cpu-budget/model onnx-out --to onnx\n"
         "  bertforge convert path/to/hf-bert ours --to bertforge"),
-    "info": Command(
-        "show a model's format, head, parameter counts, config and tokenizer",
-        "bertforge.commands.models:add_info_arguments", "bertforge.commands.models:run_info",
+    "info": command(
+        "show a model's format, head, parameter counts, config and tokenizer", "models:info",
         "  bertforge info bertforge-quickstart/model\n"
         "  bertforge info path/to/all-MiniLM-L6-v2 --json"),
-    "prepare": Command(
-        "tokenize a corpus into packed (or NSP pair) memmap shards with a manifest",
-        "bertforge.commands.prepare:add_prepare_arguments", "bertforge.commands.prepare:run_prepare",
+    "prepare": command(
+        "tokenize a corpus into packed (or NSP pair) memmap shards with a manifest", "prepare:prepare",
         "  bertforge prepare corpus/ --tokenizer tok/ --output data/shards\n"
         "  bertforge prepare wiki.txt.gz books.jsonl --text-field body --tokenizer tok/ --output data/nsp --mode nsp"),
-    "pretrain": Command(
-        "pretrain a BERT with MLM (NSP optional) on prepared shards; resumable, DDP via torchrun",
-        "bertforge.commands.pretrain:add_pretrain_arguments", "bertforge.commands.pretrain:run_pretrain",
+    "pretrain": command(
+        "pretrain a BERT with MLM (NSP optional) on prepared shards; resumable, DDP via torchrun", "pretrain:pretrain",
         "  bertforge pretrain --config configs/tiny-smoke.yaml --data data/shards --output runs/smoke\n"
         "  bertforge pretrain --config configs/cpu-budget.yaml --data data/shards --output runs/cpu --time-budget 1h\n"
         "  bertforge pretrain --config configs/cpu-budget.yaml --data data/shards --output runs/cpu --resume\n"
         "  bertforge pretrain --data data/shards --output runs/lamb optim.optimizer=lamb optim.lr=2e-3 train.max_steps=2000\n"
         "  torchrun --nproc_per_node 2 -m bertforge pretrain --config configs/gpu-budget.yaml --data d --output runs/gpu"),
-    "sanity": Command(
-        "can this setup overfit one batch? pass/fail with hints (learning rate, masking, labels)",
-        "bertforge.commands.pretrain:add_sanity_arguments", "bertforge.commands.pretrain:run_sanity",
+    "sanity": command(
+        "can this setup overfit one batch? pass/fail with hints (learning rate, masking, labels)", "pretrain:sanity",
         "  bertforge sanity --data data/shards\n"
         "  bertforge sanity --config configs/cpu-budget.yaml --data data/shards optim.lr=1.0   # fails, says why"),
-    "plan": Command(
-        "estimate training memory (weights, gradients, optimizer, activations) and which devices it fits",
-        "bertforge.commands.analysis:add_plan_arguments", "bertforge.commands.analysis:run_plan",
+    "plan": command(
+        "estimate training memory (weights, gradients, optimizer, activations) and which devices it fits", "analysis:plan",
         "  bertforge plan --preset base --batch 32 --seq 128 --precision bf16\n"
         "  bertforge plan --preset large --batch 8 --seq 512 --gradient-checkpointing --offload --device-gb 24"),
-    "inspect": Command(
-        "a model's predictions at masked positions, right/wrong, in the terminal or as HTML",
-        "bertforge.commands.analysis:add_inspect_arguments", "bertforge.commands.analysis:run_inspect",
+    "inspect": command(
+        "a model's predictions at masked positions, right/wrong, in the terminal or as HTML", "analysis:inspect",
         "  bertforge inspect runs/cpu-budget --data data/shards --html view.html\n"
         '  bertforge inspect runs/cpu-budget/model --text "The cat sat on the mat."'),
-    "report": Command(
-        "plot and compare runs: loss, accuracy and LR curves (PNG), markdown/CSV tables",
-        "bertforge.commands.analysis:add_report_arguments", "bertforge.commands.analysis:run_report",
+    "report": command(
+        "plot and compare runs: loss, accuracy and LR curves (PNG), markdown/CSV tables", "analysis:report",
         "  bertforge report runs/adamw runs/lamb runs/adafactor --out report"),
-    "finetune": Command(FINETUNE_HELP,
-                      "bertforge.commands.finetune:add_finetune_arguments",
-                      "bertforge.commands.finetune:run_finetune", FINETUNE_EXAMPLES),
-    "evaluate": Command(EVALUATE_HELP,
-                      "bertforge.commands.finetune:add_evaluate_arguments",
-                      "bertforge.commands.finetune:run_evaluate", EVALUATE_EXAMPLES),
-    "predict": Command(PREDICT_HELP,
-                      "bertforge.commands.finetune:add_predict_arguments",
-                      "bertforge.commands.finetune:run_predict", PREDICT_EXAMPLES),
-    "sentence-train": Command(SENTENCE_HELP,
-                      "bertforge.commands.sentence:add_sentence_train_arguments",
-                      "bertforge.commands.sentence:run_sentence_train", SENTENCE_EXAMPLES),
-    "sts-eval": Command(STS_HELP,
-                      "bertforge.commands.sentence:add_sts_eval_arguments",
-                      "bertforge.commands.sentence:run_sts_eval", STS_EXAMPLES),
-    "distill": Command(DISTILL_HELP,
-                      "bertforge.commands.sentence:add_distill_arguments",
-                      "bertforge.commands.sentence:run_distill", DISTILL_EXAMPLES),
-    "serve": Command(
-        "serve models over HTTP: OpenAI-compatible embeddings, similarity, fill-mask, classify, QA, a web page",
-        "bertforge.commands.serve:add_serve_arguments", "bertforge.commands.serve:run_serve",
+    "finetune": command(FINETUNE_HELP, "finetune:finetune", FINETUNE_EXAMPLES),
+    "evaluate": command(EVALUATE_HELP, "finetune:evaluate", EVALUATE_EXAMPLES),
+    "predict": command(PREDICT_HELP, "finetune:predict", PREDICT_EXAMPLES),
+    "sentence-train": command(SENTENCE_HELP, "sentence:sentence_train", SENTENCE_EXAMPLES),
+    "sts-eval": command(STS_HELP, "sentence:sts_eval", STS_EXAMPLES),
+    "distill": command(DISTILL_HELP, "sentence:distill", DISTILL_EXAMPLES),
+    "serve": command(
+        "serve models over HTTP: OpenAI-compatible embeddings, similarity, fill-mask, classify, QA, a web page", "serve:serve",
         "  bertforge serve path/to/all-MiniLM-L6-v2                 # http://127.0.0.1:8000/\n"
         "  bertforge serve minilm=path/to/all-MiniLM-L6-v2 mlm=bertforge-quickstart/model --port 8080\n"
         "  BERTFORGE_API_KEY=s3cret bertforge serve MODEL --host 0.0.0.0 --cors-origin https://app.example"),
@@ -257,17 +239,13 @@ def _add_group(top: argparse._SubParsersAction, name: str,
     return groups[name]
 
 
-def under_torchrun() -> bool:
-    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def main(argv: list[str | os.PathLike] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 usage or input error, 130 interrupted).
 
     Under torchrun the process ends here with os._exit once its output is flushed: the run's files are
     written and closed, and skipping interpreter teardown avoids the gloo/NCCL threads' exit-time aborts."""
     code = _main(argv)
-    if under_torchrun():
+    if launched_by_torchrun():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -289,7 +267,7 @@ def _main(argv: list[str | os.PathLike] | None) -> int:
         (getattr(args, "group_parser", None) or parser).print_help(sys.stderr)
         return EXIT_USAGE
     name = selected_command(argv)
-    if under_torchrun() and name not in TORCHRUN_COMMANDS:
+    if launched_by_torchrun() and name not in TORCHRUN_COMMANDS:
         return _fail(f"{name} runs in one process but torchrun started {os.environ['WORLD_SIZE']} (N copies would "
                      f"write one folder): run plain `bertforge {name}`; torchrun is for "
                      f"{' and '.join(TORCHRUN_COMMANDS)}")

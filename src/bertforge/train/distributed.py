@@ -21,6 +21,8 @@ import sys
 import torch
 import torch.distributed as tdist
 
+from bertforge.launch import launched_by_torchrun
+
 PR_SET_PDEATHSIG = 1  # prctl(2) option: a signal sent to this process when its parent dies
 
 
@@ -42,15 +44,6 @@ def local_rank() -> int:
 
 def is_main() -> bool:
     return rank() == 0
-
-
-def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
-
-
-def launch_rank() -> int:
-    """This process's rank as torchrun set it (valid before init and after cleanup; 0 without torchrun)."""
-    return int(os.environ.get("RANK", 0)) if launched_by_torchrun() else 0
 
 
 def die_with_launcher() -> None:
