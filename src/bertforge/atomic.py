@@ -34,20 +34,27 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_replace(path: Path, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)` on a temp file beside `path`, fsync it, rename it over `path`."""
-    path = Path(path)
+@contextmanager
+def _replacing(path: Path) -> Iterator[str]:
+    """Yield a temp file's path beside `path`; when the block ends without an error, fsync it and rename it
+    over `path`; otherwise delete it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        write(tmp)
+        yield tmp
         _fsync_file(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_replace(path: Path, write: Callable[[str], None]) -> None:
+    """Call `write(tmp_path)` on a temp file beside `path` (torch.save, np.save ...), then put it in place."""
+    with _replacing(Path(path)) as tmp:
+        write(tmp)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -58,19 +65,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_open(path: Path, mode: str = "wb", **kwargs) -> Iterator:
     """`with atomic_open(path, "w") as fh:` writes a temp sibling that replaces `path` only when the block
     ends without an error."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **kwargs) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    with _replacing(Path(path)) as tmp, open(tmp, mode, **kwargs) as fh:
+        yield fh
 
 
 def atomic_folder(target: Path, write: Callable[[Path], None]) -> None:
