@@ -61,11 +61,16 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def agreed(self, device: torch.device) -> int:
-        """The signal any process received (every process must call it at the same step under torchrun)."""
+    def agreed(self, device: torch.device, check: bool) -> int:
+        """The signal this process received; under torchrun, the one any process received, asked only when
+        `check` (the same on every process, e.g. at log steps) so the step itself gains no collective."""
         if not dist.is_distributed():
             return self.received
-        return int(dist.max_float(self.received, device))
+        return int(dist.max_float(self.received, device)) if check else 0
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name if signum else "a signal"
 
 
 def weights_finite(model: nn.Module, device: torch.device) -> bool:

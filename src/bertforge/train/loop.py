@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import signal as signal_mod
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,10 +33,6 @@ from bertforge.train.checkpoint import CheckpointManager
 from bertforge.train.optim import batch_size_at
 from bertforge.train.resume import RunState
 from bertforge.train.settings import TrainConfig, resolve_device
-
-
-def signal_name(signum: int) -> str:
-    return signal_mod.Signals(signum).name if signum else "a signal"
 
 
 class Trainer(RunState):
@@ -245,55 +240,52 @@ class Trainer(RunState):
         window_loss, window_tokens, window_start = [], 0, start
         metrics: dict = {}
         stop_reason, got = "budget", 0
-        with faults.StopSignals() as signals:
-            try:
-                while not self.done():
-                    self.set_budget_progress()
-                    loss, tokens = self.train_step()
-                    window_loss.append(loss)
-                    window_tokens += tokens
-                    # wall clock, carried across resumes; under a time budget and DDP the slowest rank's, so
-                    # every rank agrees on the time schedule, the batch ramp and when the budget ends
-                    self.elapsed = elapsed0 + time.monotonic() - start
-                    if self.budget_seconds:
-                        self.elapsed = dist.max_float(self.elapsed, self.device)
-                    if self.step % cfg.log_every == 0 or self.done():
-                        stop_reason = self._log_window(window_loss, window_tokens, window_start, bar)
-                        window_loss, window_tokens, window_start = [], 0, time.monotonic()
-                        if stop_reason != "budget":
-                            break
-                    if got := signals.agreed(self.device):
-                        stop_reason = "interrupted"
+        with faults.StopSignals() as signals, contextlib.closing(bar):
+            while not self.done():
+                self.set_budget_progress()
+                loss, tokens = self.train_step()
+                window_loss.append(loss)
+                window_tokens += tokens
+                # wall clock, carried across resumes; under a time budget and DDP the slowest rank's, so
+                # every rank agrees on the time schedule, the batch ramp and when the budget ends
+                self.elapsed = elapsed0 + time.monotonic() - start
+                if self.budget_seconds:
+                    self.elapsed = dist.max_float(self.elapsed, self.device)
+                if self.step % cfg.log_every == 0 or self.done():
+                    stop_reason = self._log_window(window_loss, window_tokens, window_start, bar)
+                    window_loss, window_tokens, window_start = [], 0, time.monotonic()
+                    if stop_reason != "budget":
+                        break
+                if got := signals.agreed(self.device, check=self.step % cfg.log_every == 0):
+                    stop_reason = "interrupted"
+                    self.save_checkpoint()
+                    break
+                now = time.monotonic()
+                eval_due = (cfg.eval_every and self.step % cfg.eval_every == 0) or (
+                    cfg.eval_every_minutes and now - last_eval >= cfg.eval_every_minutes * 60)
+                save_due = (cfg.save_every and self.step % cfg.save_every == 0) or (
+                    cfg.save_every_minutes and now - last_save >= cfg.save_every_minutes * 60)
+                if (eval_due or save_due) and not self.done():
+                    if eval_due:
+                        metrics = self.evaluate_and_save(save=bool(save_due), bar=bar)
+                        last_eval = time.monotonic()
+                    else:
                         self.save_checkpoint()
-                        break
-                    now = time.monotonic()
-                    eval_due = (cfg.eval_every and self.step % cfg.eval_every == 0) or (
-                        cfg.eval_every_minutes and now - last_eval >= cfg.eval_every_minutes * 60)
-                    save_due = (cfg.save_every and self.step % cfg.save_every == 0) or (
-                        cfg.save_every_minutes and now - last_save >= cfg.save_every_minutes * 60)
-                    if (eval_due or save_due) and not self.done():
-                        if eval_due:
-                            metrics = self.evaluate_and_save(save=bool(save_due), bar=bar)
-                            last_eval = time.monotonic()
-                        else:
-                            self.save_checkpoint()
-                        if save_due:
-                            last_save = time.monotonic()
-                    if self.diverged:
-                        stop_reason = "diverged"
-                        break
-            finally:
-                bar.close()
-            if stop_reason == "budget":
-                metrics = self.evaluate_and_save(save=True)
-                stop_reason = "diverged" if self.diverged else stop_reason
+                    if save_due:
+                        last_save = time.monotonic()
+                if self.diverged:
+                    stop_reason = "diverged"
+                    break
+        if stop_reason == "budget":
+            metrics = self.evaluate_and_save(save=True)
+            stop_reason = "diverged" if self.diverged else stop_reason
         if stop_reason == "diverged":
             dist.print0(f"stopping: the weights are no longer finite at step {self.step}; nothing was saved after "
                         f"that. The last good checkpoint is {self.ckpt.latest() or 'none'} — lower optim.lr, raise "
                         "the warmup, or use fp32, then resume from it with --resume-from")
         elif stop_reason == "interrupted":
             where = self.ckpt.latest() or "none"
-            dist.print0(f"stopped by {signal_name(got)} at step {self.step}; checkpoint {where}: "
+            dist.print0(f"stopped by {faults.signal_name(got)} at step {self.step}; checkpoint {where}: "
                         "continue with the same command and --resume")
         summary = {"step": self.step, "tokens": self.tokens, "elapsed": round(self.elapsed, 2),
                    "stop_reason": stop_reason, "best": self.best, **metrics}
