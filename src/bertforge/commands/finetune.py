@@ -13,18 +13,19 @@ import argparse
 import json
 from pathlib import Path
 
-from bertforge.commands.pretrain import add_run_folder_arguments, run_folder_flags
+from bertforge.commands.run_options import add_run_options, run_flags
 from bertforge.errors import BertforgeError
 
 
 def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
+    add_run_options(p, config_help="YAML / TOML / JSON file with FinetuneRunConfig sections",
+                    output_help="run directory (default: runs/finetune)")
     p.add_argument("--task", help="cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli, snli, sick, "
                                   "sick_relatedness, squad, swag, arc_easy, arc_challenge, winogrande")
     p.add_argument("--model", metavar="DIR", help="our model directory, or a Hugging Face / sentence-transformers "
                                                   "BERT directory")
     p.add_argument("--data", metavar="PATH", help="folder with the task's canonical files (train + dev), or "
                                                   "hub:NAME (online; e.g. hub:glue/sst2, hub:rajpurkar/squad)")
-    p.add_argument("--output", "-o", metavar="DIR", help="run directory (default: runs/finetune)")
     p.add_argument("--epochs", type=float, metavar="N", help="training epochs (default: 3; glue-sane: 5)")
     p.add_argument("--lr", type=float, metavar="LR", help="peak learning rate (default: 2e-5)")
     p.add_argument("--batch-size", type=int, metavar="N", help="examples per batch (default: 32)")
@@ -33,23 +34,16 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, metavar="S", help="first seed (default: 0)")
     p.add_argument("--protocol", choices=("glue-sane",), help="one global setting: <= 5 epochs, batch 16, lr 4e-5 "
                                                                "cosine, last checkpoint, median of 5 seeds")
-    p.add_argument("--config", metavar="FILE", help="YAML / TOML / JSON file with FinetuneRunConfig sections")
     p.add_argument("--no-truncate", action="store_true", help="fail on inputs longer than --max-seq-length "
                                                               "instead of truncating them (and reporting how many)")
-    add_run_folder_arguments(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. "
-                                                                       "optim.weight_decay=0 data.max_train_examples=500")
 
 
 def finetune_config_from_args(args: argparse.Namespace):
     from bertforge.workflows.finetune import load_finetune_config
 
-    flags = {"task": args.task, "model.path": args.model, "data.path": args.data, "train.output_dir": args.output,
-             "train.epochs": args.epochs, "optim.lr": args.lr, "train.batch_size": args.batch_size,
+    flags = {"task": args.task, "model.path": args.model, "data.path": args.data, "train.epochs": args.epochs, "optim.lr": args.lr, "train.batch_size": args.batch_size,
              "data.max_seq_length": args.max_seq_length, "seeds": args.seeds, "train.seed": args.seed,
-             "data.truncate": False if args.no_truncate else None, **run_folder_flags(args),
-             "train.progress": False if args.no_progress else None}
+             "data.truncate": False if args.no_truncate else None, **run_flags(args)}
     return load_finetune_config(args.config, args.overrides, protocol=args.protocol, flags=flags)
 
 

@@ -11,35 +11,23 @@ from __future__ import annotations
 import argparse
 import json
 
-from bertforge.commands.pretrain import add_run_folder_arguments, run_folder_flags
+from bertforge.commands.run_options import add_run_options, run_flags
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", "-o", metavar="DIR", help="run directory = train.output_dir")
+    add_run_options(p, config_help="YAML / TOML / JSON file with the run config's sections")
     p.add_argument("--epochs", type=float, metavar="N", help="training epochs when no --max-steps (default: 1)")
     p.add_argument("--max-steps", type=int, metavar="N", help="= train.max_steps")
     p.add_argument("--lr", type=float, metavar="LR", help="peak learning rate = optim.lr")
     p.add_argument("--batch-size", type=int, metavar="N", help="= train.batch_size")
     p.add_argument("--max-seq-length", type=int, metavar="T", help="tokens per text (longer ones are cut and counted)")
     p.add_argument("--seed", type=int, metavar="S", help="= train.seed")
-    p.add_argument("--config", metavar="FILE", help="YAML / TOML / JSON file with the run config's sections")
-    add_run_folder_arguments(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. optim.lr=3e-5")
 
 
 def _common_flags(args: argparse.Namespace) -> dict:
-    return {"train.output_dir": args.output, "train.epochs": args.epochs, "train.max_steps": args.max_steps,
-            "optim.lr": args.lr, "train.batch_size": args.batch_size, "data.max_seq_length": args.max_seq_length,
-            "train.seed": args.seed, **run_folder_flags(args),
-            "train.progress": False if args.no_progress else None}
-
-
-def build_config(cls, args: argparse.Namespace, flags: dict):
-    """The run config of `cls` from --config, the command's flags and KEY=VALUE overrides."""
-    from bertforge.config import load_run_config
-
-    return load_run_config(cls, file=args.config, overrides=args.overrides, flags=flags)
+    return {"train.epochs": args.epochs, "train.max_steps": args.max_steps, "optim.lr": args.lr,
+            "train.batch_size": args.batch_size, "data.max_seq_length": args.max_seq_length, "train.seed": args.seed,
+            **run_flags(args)}
 
 
 def _print_metrics(metrics: dict, keys: tuple[str, ...], where: str) -> None:
@@ -64,12 +52,13 @@ def add_sentence_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_sentence_train(args: argparse.Namespace) -> int:
+    from bertforge.config import load_run_config
     from bertforge.workflows.sentence import SentenceRunConfig, main
 
     flags = {"model.path": args.model, "data.train": args.train, "loss.name": args.loss, "data.dev": args.dev,
              "model.pooling": args.pooling, "calibration.file": args.calibrate,
              "calibration.task": args.calibrate_task, **_common_flags(args)}
-    cfg = build_config(SentenceRunConfig, args, flags)
+    cfg = load_run_config(SentenceRunConfig, file=args.config, overrides=args.overrides, flags=flags)
     metrics = main(cfg)
     _print_metrics(metrics, ("step", "eval_spearman", "eval_pearson", "threshold", "threshold_accuracy",
                              "threshold_f1", "truncated_texts"), cfg.train.output_dir)
@@ -131,6 +120,7 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_distill(args: argparse.Namespace) -> int:
+    from bertforge.config import load_run_config
     from bertforge.workflows.distill import DistillRunConfig, main
 
     flags = {"teacher": args.teacher, "data.path": args.data, "data.task": args.task,
@@ -139,7 +129,7 @@ def run_distill(args: argparse.Namespace) -> int:
              "student.init_from_teacher": False if args.no_init_from_teacher else None,
              "loss.temperature": args.temperature, "loss.alpha": args.alpha, "loss.hidden_weight": args.hidden_weight,
              **_common_flags(args)}
-    cfg = build_config(DistillRunConfig, args, flags)
+    cfg = load_run_config(DistillRunConfig, file=args.config, overrides=args.overrides, flags=flags)
     metrics = main(cfg)
     primary = [k for k in metrics if k.startswith("teacher_") and k[8:] not in ("layers", "parameters",
                                                                               "examples_per_s")]
