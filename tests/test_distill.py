@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from tiny import step_losses
 
 from bertforge.data.masking import MaskingConfig, MLMCollator
 from bertforge.errors import BertforgeError
@@ -291,11 +292,7 @@ def test_distill_resumes_bit_for_bit_with_the_student_stored_once(shared_data, s
     assert state["weights_in_folder"] and not any(k.startswith("student.") for k in state["model"])
     run("cut", 4, "--resume")
 
-    def per_step(run_dir: Path) -> dict:
-        return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-                if "loss" in r}
-
-    assert per_step(tmp_path / "cut") == per_step(tmp_path / "straight") and len(per_step(tmp_path / "cut")) == 4
+    assert step_losses(tmp_path / "cut") == step_losses(tmp_path / "straight") and len(step_losses(tmp_path / "cut")) == 4
     a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
     b = load_file(tmp_path / "cut" / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import TINY_STEADY
+from tiny import TINY_STEADY, step_losses
 from torch import nn
 
 from bertforge.cli import main as cli_main
@@ -33,11 +33,6 @@ def pretrain(prepared: Path, out: Path, *extra: str) -> list[str]:
 def steps(run: Path) -> list[int]:
     return [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
             if "loss" in json.loads(x)]
-
-
-def losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-            if "loss" in r}
 
 
 def one_error_line(capsys, *needles: str) -> str:
@@ -76,7 +71,7 @@ def test_sigterm_checkpoints_stops_and_resume_equals_uninterrupted(prepared, tmp
     assert not (stopped / "model").exists()  # an interrupted run writes no final model
     run(*pretrain(prepared, stopped, "--max-steps", "120", "--resume"))
     assert steps(stopped) == list(range(1, 121))  # no step logged twice
-    assert losses(stopped) == losses(straight)  # bit for bit
+    assert step_losses(stopped) == step_losses(straight)  # bit for bit
     a, b = load_file(straight / "model" / "model.safetensors"), load_file(stopped / "model" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -129,7 +124,7 @@ def test_damaged_newest_checkpoint_is_skipped_and_resume_from(prepared, tmp_path
     run = tmp_path / "run"
     args = pretrain(prepared, run, "--max-steps", "4", "train.save_every=2")
     assert cli_main(args) == 0
-    reference = losses(run)
+    reference = step_losses(run)
     newest = run / "checkpoints" / "step_00000004" / "state.pt"
     stored = torch.load(newest, weights_only=True)
     assert stored["weights_in_folder"] and stored["model"] == {}  # the weights are stored once, in model/
@@ -138,7 +133,7 @@ def test_damaged_newest_checkpoint_is_skipped_and_resume_from(prepared, tmp_path
     assert cli_main([*args, "--resume"]) == 0
     out = capsys.readouterr().out
     assert "step_00000004" in out and "trying step_00000002" in out and "at step 2" in out
-    assert losses(run) == reference and steps(run) == [1, 2, 3, 4]
+    assert step_losses(run) == reference and steps(run) == [1, 2, 3, 4]
     # a newest checkpoint holding NaN weights (written by something else) is never chosen either
     from safetensors.torch import save_file
 
@@ -149,20 +144,20 @@ def test_damaged_newest_checkpoint_is_skipped_and_resume_from(prepared, tmp_path
     assert cli_main([*args, "--resume"]) == 0
     out = capsys.readouterr().out
     assert "non-finite weights" in out and "trying step_00000002" in out and "at step 2" in out
-    assert losses(run) == reference
+    assert step_losses(run) == reference
     # ... and one whose model folder (where its weights are) is damaged
     weights = run / "checkpoints" / "step_00000004" / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:500])
     assert cli_main([*args, "--resume"]) == 0
     out = capsys.readouterr().out
     assert "unreadable model folder" in out and "trying step_00000002" in out and "at step 2" in out
-    assert losses(run) == reference
+    assert step_losses(run) == reference
     # --resume-from another run's checkpoint, into a new folder
     other = tmp_path / "other"
     assert cli_main(pretrain(prepared, other, "--max-steps", "4", "--resume-from",
                              str(run / "checkpoints" / "step_00000002"))) == 0
     assert "resumed from" in capsys.readouterr().out
-    assert losses(other) == {s: v for s, v in reference.items() if s > 2}
+    assert step_losses(other) == {s: v for s, v in reference.items() if s > 2}
 
 
 def test_changed_config_on_resume_is_one_line_and_writes_nothing(prepared, tmp_path, capsys):
@@ -255,7 +250,7 @@ def test_ten_random_sigkills_then_resume_reach_the_uninterrupted_weights(prepare
     final = start(killed, "--resume")
     assert final.wait(timeout=600) == 0, final.stderr.read()
     assert steps(killed) == list(range(1, 151))
-    assert losses(killed) == losses(straight)
+    assert step_losses(killed) == step_losses(straight)
     a, b = load_file(straight / "model" / "model.safetensors"), load_file(killed / "model" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 

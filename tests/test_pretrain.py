@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import TINY_PRETRAIN
+from tiny import TINY_PRETRAIN, step_losses
 
 from bertforge.cli import main as cli_main
 
@@ -30,16 +30,6 @@ def run_cli(args: list[str], **kw) -> subprocess.CompletedProcess:
                           timeout=300, **kw)
 
 
-def losses(run: Path) -> dict[int, float]:
-    """step -> training loss; for resumed runs the later record of a step wins."""
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
-
-
 def test_pretrain_loss_goes_down_and_saves_model(prepared, tmp_path):
     from bertforge.config import load_run_config
     from bertforge.model.loading import load_model
@@ -49,7 +39,7 @@ def test_pretrain_loss_goes_down_and_saves_model(prepared, tmp_path):
                           overrides=[f"data.path={prepared}", f"train.output_dir={tmp_path / 'run'}",
                                      "train.max_steps=60", "train.eval_every=30", "optim.lr=2e-3", *TINY])
     summary = main(cfg)
-    curve = losses(tmp_path / "run")
+    curve = step_losses(tmp_path / "run")
     first = sum(curve[s] for s in range(1, 6)) / 5
     last = sum(curve[s] for s in range(56, 61)) / 5
     assert last < first - 0.5, (first, last)  # from ln(V) = 6.9 towards the unigram level
@@ -80,12 +70,12 @@ def test_sigkill_and_resume_equals_uninterrupted(prepared, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = max(losses(killed_dir))
+    killed_at = max(step_losses(killed_dir))
     assert killed_at < 1200
     resumed = run_cli([*common, "--output", str(killed_dir), "--resume"])
     assert resumed.returncode == 0, resumed.stderr
 
-    a, b = losses(tmp_path / "straight"), losses(killed_dir)
+    a, b = step_losses(tmp_path / "straight"), step_losses(killed_dir)
     assert sorted(a) == sorted(b) == list(range(1, 1201))
     assert a == b  # the same loss curve, bit for bit
     wa = load_file(tmp_path / "straight" / "model" / "model.safetensors")
@@ -107,7 +97,7 @@ def test_two_process_ddp_equals_one_process_with_accumulation(prepared, tmp_path
     wa = load_file(tmp_path / "single" / "model" / "model.safetensors")
     wb = load_file(tmp_path / "ddp" / "model" / "model.safetensors")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-5
-    la, lb = losses(tmp_path / "single"), losses(tmp_path / "ddp")
+    la, lb = step_losses(tmp_path / "single"), step_losses(tmp_path / "ddp")
     assert all(abs(la[s] - lb[s]) <= 1e-5 for s in la)
 
 
@@ -152,7 +142,7 @@ def test_cli_raw_text_to_checkpoint(shared_data, tmp_path):
                      str(tmp_path / "data"), "--seq-len", "64", "--num-workers", "0", "--no-progress"]) == 0
     assert cli_main(["pretrain", "--data", str(tmp_path / "data"), "--output", str(tmp_path / "run"),
                      "--max-steps", "40", *TINY, "optim.lr=2e-3", "train.batch_size=16"]) == 0
-    curve = losses(tmp_path / "run")
+    curve = step_losses(tmp_path / "run")
     assert curve[40] < curve[1] - 0.5
     assert (tmp_path / "run" / "checkpoints" / "latest").is_file()
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import TINY_STEADY
+from tiny import TINY_STEADY, step_losses
 
 TINY = TINY_STEADY
 
@@ -53,15 +53,6 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
-
-
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "model" / "model.safetensors")
 
@@ -77,7 +68,7 @@ def test_fsdp_two_processes_equal_one_process_and_resume_after_kill(prepared, tm
     run([*common, "--max-steps", "6", "--output", str(tmp_path / "single"), "train.grad_accum=2"])
     fsdp = [*common, "train.parallel=fsdp", "train.grad_accum=1", "train.save_every=20"]
     run([*fsdp, "--max-steps", "6", "--output", str(tmp_path / "fsdp")], nproc=2)
-    la, lb = losses(tmp_path / "single"), losses(tmp_path / "fsdp")
+    la, lb = step_losses(tmp_path / "single"), step_losses(tmp_path / "fsdp")
     assert sorted(la) == sorted(lb) == list(range(1, 7))
     assert all(abs(la[s] - lb[s]) <= 1e-5 for s in la), (la, lb)
     assert max_diff(weights(tmp_path / "single"), weights(tmp_path / "fsdp")) <= 1e-5
@@ -102,11 +93,11 @@ def test_fsdp_two_processes_equal_one_process_and_resume_after_kill(prepared, tm
     while any(alive(w) for w in workers):
         assert time.monotonic() < gone, "a worker outlived its killed launcher"
         time.sleep(0.05)
-    assert max(losses(killed)) < 200
+    assert max(step_losses(killed)) < 200
     shards = killed / "checkpoints" / pointer.read_text().strip() / "shards"
     assert sorted(p.name for p in shards.iterdir()) == ["dcp", "trainer_rank0.pt", "trainer_rank1.pt"]
     run([*fsdp, "--max-steps", "200", "--output", str(killed), "--resume"], nproc=2, port=29544)
-    a, b = losses(straight), losses(killed)
+    a, b = step_losses(straight), step_losses(killed)
     assert sorted(a) == sorted(b) == list(range(1, 201))
     assert a == b  # bit for bit
     assert max_diff(weights(straight), weights(killed)) == 0.0
@@ -116,7 +107,7 @@ def test_fsdp_two_processes_equal_one_process_and_resume_after_kill(prepared, tm
     part.write_bytes(part.read_bytes()[:300])
     out = run([*fsdp, "--max-steps", "200", "--output", str(killed), "--resume"], nproc=2, port=29545)
     assert "trying step_00000180" in out and "at step 180" in out, out
-    assert losses(killed) == a and max_diff(weights(straight), weights(killed)) == 0.0
+    assert step_losses(killed) == a and max_diff(weights(straight), weights(killed)) == 0.0
 
     from bertforge.model.loading import load_model  # the consolidated folder is a normal model
 
@@ -147,7 +138,7 @@ def test_offloaded_pretraining_equals_plain(prepared, tmp_path):
               "optim.warmup_ratio=0.25"]
     run([*common, "--output", str(tmp_path / "plain")])
     run([*common, "--output", str(tmp_path / "offload"), "optim.offload=cpu"])
-    assert losses(tmp_path / "plain") == losses(tmp_path / "offload")
+    assert step_losses(tmp_path / "plain") == step_losses(tmp_path / "offload")
     assert max_diff(weights(tmp_path / "plain"), weights(tmp_path / "offload")) == 0.0
     saved = json.loads((tmp_path / "offload" / "config.json").read_text())
     assert saved["optim"]["offload"] == "cpu"

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import step_losses
 
 from bertforge.errors import BertforgeError
 from bertforge.train.settings import TrainConfig
@@ -336,10 +337,6 @@ def test_sentence_train_resumes_bit_for_bit_with_the_encoder_stored_once(shared_
     assert state["weights_in_folder"] and state["model"] and all(k.startswith("loss.") for k in state["model"])
     run(tmp_path / "cut", 10, resume=True)
 
-    def per_step(run_dir: Path) -> dict:
-        return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-                if "loss" in r}
-
-    assert per_step(tmp_path / "cut") == per_step(tmp_path / "straight")
+    assert step_losses(tmp_path / "cut") == step_losses(tmp_path / "straight")
     a, b = (load_file(next((tmp_path / d / "model").rglob("model.safetensors"))) for d in ("straight", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,6 +1,9 @@
-"""Tiny shapes shared by the tests: a model config and the CLI overrides of a tiny pretraining run."""
+"""Shared by the tests: a tiny model config, the CLI overrides of a tiny pretraining run, a run's losses."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from bertforge.model.bert import BertConfig
 
@@ -16,3 +19,9 @@ def tiny_config(**overrides) -> BertConfig:
     """The `tiny` preset with dropout off (outputs comparable run to run); `overrides` win."""
     return BertConfig.from_preset("tiny", **{"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
                                              **overrides})
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss logged in a run's metrics.jsonl."""
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r}
