@@ -181,6 +181,35 @@ def test_quickstart_end_to_end(quickstart_dir):
     assert rc == 0 and "masked_lm" in text and f"{ours['parameters']['total']:,}" in text
 
 
+@pytest.mark.parametrize("plots", [True, False])
+def test_quickstart_next_commands_all_run(quickstart_dir, tmp_path, monkeypatch, plots):
+    """Every `bertforge ...` line the quickstart prints under "next:" works as printed, also on an install
+    without matplotlib (the report line then asks for tables only)."""
+    import importlib.util
+    import shlex
+
+    from bertforge import quickstart
+
+    out, _ = quickstart_dir
+    real = importlib.util.find_spec
+    monkeypatch.setattr(quickstart.importlib.util, "find_spec",
+                        lambda name, *a: (real(name, *a) if plots or name != "matplotlib" else None))
+    monkeypatch.chdir(tmp_path)
+    lines: list[str] = []
+    ctx = quickstart.Context(quickstart.QuickstartOptions(), out)
+    ctx.wrote("model", out / "model", "the pretrained model")
+    quickstart.print_summary(ctx, echo=lines.append)
+    commands = [line.split("   (")[0].split() for line in lines[lines.index("\nnext:") + 1:]
+                if line.strip().startswith("bertforge ")]
+    assert len(commands) == 4
+    for argv in commands:
+        argv = shlex.split(" ".join(argv))[1:]
+        rc, _, err = run(*argv)
+        assert rc == 0, (argv, err)
+    report = next(c for c in commands if c[1] == "report")
+    assert ("--no-plots" in report) is (not plots)
+
+
 def test_quickstart_rerun_and_foreign_folder(quickstart_dir, tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()

@@ -15,6 +15,7 @@ The quickstart folder is itself a run directory: `bertforge report` and `bertfor
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import shutil
@@ -225,9 +226,8 @@ def step_verify(ctx: Context) -> str:
     if len(counts) != 1 or max(diffs) > 1e-5:
         raise RuntimeError(f"saved models differ from the one in memory: parameters {counts}, "
                            f"max logit diff {max(diffs):.2e}")
-    return (f"`bertforge info` reads both ({infos[0]['source']} and {infos[1]['source']}, head "
-            f"{infos[0]['head']}, {counts.pop():,} parameters); reloaded logits match (max diff "
-            f"{max(diffs):.1e})")
+    return (f"`bertforge info` reads both folders (head {infos[0]['head']}, {counts.pop():,} parameters each); "
+            f"reloaded logits match (max diff {max(diffs):.1e})")
 
 
 def _size_mb(path: Path) -> float:
@@ -305,7 +305,9 @@ def print_summary(ctx: Context, echo: Callable[..., None] = print) -> None:
     echo(f"  bertforge info {model}")
     echo(f"  bertforge fill-mask {model} \"return the [MASK] of the list.\"")
     echo(f"  bertforge inspect {ctx.out} --data {ctx.out / 'data'} --html view.html")
-    echo(f"  bertforge report {ctx.out} --out {ctx.out}-report")
+    plots = importlib.util.find_spec("matplotlib") is not None
+    tables_only = "" if plots else " --no-plots   (tables only; pip install 'bertforge[plot]' adds the curves)"
+    echo(f"  bertforge report {ctx.out} --out {ctx.out}-report{tables_only}")
     echo(f"  python -c \"from transformers import AutoModelForMaskedLM as M; "
          f"print(M.from_pretrained('{ctx.out / 'model-hf'}', trust_remote_code=True).num_parameters())\"   "
          "(with transformers)")
