@@ -20,6 +20,8 @@ from tiny import TINY_STEADY, step_losses
 from torch import nn
 
 from bertforge.cli import main as cli_main
+from bertforge.errors import BertforgeError
+from bertforge.train.faults import check_resume_config
 from bertforge.train.loop import Trainer
 from bertforge.train.settings import TrainConfig
 
@@ -169,6 +171,16 @@ def test_changed_config_on_resume_is_one_line_and_writes_nothing(prepared, tmp_p
     one_error_line(capsys, "optim.lr", "0.001", "0.005", "config.json")
     assert (run / "config.json").read_bytes() == before
     assert cli_main(pretrain(prepared, run, "--max-steps", "4", "--resume")) == 0  # a longer budget may change
+
+
+def test_what_may_change_on_resume_is_named_in_full():
+    """The budget, logging and paths may change; the same leaf name in another section may not (a teacher's
+    path, a masking value named like a train setting)."""
+    saved = {"data": {"path": "a"}, "train": {"max_steps": 2}, "teacher": {"path": "t1"}, "masking": {"eval_rows": 1}}
+    check_resume_config(saved, {**saved, "data": {"path": "b"}, "train": {"max_steps": 9}}, Path("ckpt"))
+    for section, value in (("teacher", {"path": "t2"}), ("masking", {"eval_rows": 2})):
+        with pytest.raises(BertforgeError, match=f"{section}\\."):
+            check_resume_config(saved, {**saved, section: value}, Path("ckpt"))
 
 
 def test_used_run_folder_needs_resume_or_overwrite(prepared, tmp_path, capsys):

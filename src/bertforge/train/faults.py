@@ -27,13 +27,16 @@ from bertforge.errors import BertforgeError
 from bertforge.train import distributed as dist
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "metrics.json", "checkpoints", "model", "tensorboard")
-# settings that may change when a run is continued (budget, logging, where things are); every other one
-# (model, data order, masking, optimizer, batch, seed, precision, parallelism) must match the checkpoint's
-MAY_CHANGE = {"epochs", "max_steps", "max_tokens", "time_budget", "progress", "log_every", "eval_every", "eval_every_minutes",
-              "save_every", "save_every_minutes", "keep_last", "resume", "resume_from", "overwrite", "output_dir",
-              "tensorboard", "dist_timeout_minutes", "device", "loss_threshold", "loss_threshold_after",
-              "plateau_warn_after", "path", "tokenizer", "eval_rows", "eval_batches", "eval_limit",
-              "eval_batch_size", "dev", "seeds", "compile"}
+# settings that may change when a run is continued, by full name: the budget, logging and where things are
+# (a moved data folder, the starting model that the checkpoint's weights replace). Every other one (model,
+# data order, masking, optimizer, batch, seed, precision, parallelism) must match the checkpoint's.
+MAY_CHANGE = frozenset(
+    [f"train.{k}" for k in ("epochs", "max_steps", "max_tokens", "time_budget", "progress", "log_every", "eval_every",
+                            "eval_every_minutes", "save_every", "save_every_minutes", "keep_last", "resume",
+                            "resume_from", "overwrite", "output_dir", "tensorboard", "dist_timeout_minutes", "device",
+                            "loss_threshold", "loss_threshold_after", "plateau_warn_after", "compile")]
+    + [f"data.{k}" for k in ("path", "tokenizer", "dev", "eval_rows", "eval_batches", "eval_limit", "eval_batch_size")]
+    + ["model.path", "tokenizer", "seeds"])
 
 
 class StopSignals:
@@ -119,7 +122,7 @@ def check_resume_config(saved: dict | None, current: dict, checkpoint: Path) -> 
     if not saved:
         return
     a, b = _flat(saved), _flat(current)
-    diff = sorted(k for k in a.keys() | b.keys() if k.rsplit(".", 1)[-1] not in MAY_CHANGE and a.get(k) != b.get(k))
+    diff = sorted(k for k in a.keys() | b.keys() if k not in MAY_CHANGE and a.get(k) != b.get(k))
     if diff:
         shown = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:6]) + ("; ..." if len(diff) > 6 else "")
         raise BertforgeError(f"cannot resume from '{checkpoint}' with other settings ({shown}): pass the settings "
