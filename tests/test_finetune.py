@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from bertforge.data.glue import TASKS, read_task_file
+from bertforge.data.hub_tasks import hub_to_file
 from bertforge.errors import BertforgeError
 from bertforge.eval.metrics import TASK_METRICS, compute_task_metrics, squad_metrics
 from bertforge.model.bert import BertConfig, pad_vocab_size
@@ -30,7 +31,7 @@ from bertforge.wordpiece import WordPieceTokenizer
 from bertforge.workflows import finetune
 from bertforge.workflows.evaluate import evaluate, predict
 from bertforge.workflows.finetune import ExampleBatches, load_finetune_config, main
-from bertforge.workflows.tasks import get_task_adapter, hub_to_file
+from bertforge.workflows.tasks import get_task_adapter
 
 
 @pytest.fixture(scope="module", autouse=True)
