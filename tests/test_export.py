@@ -363,3 +363,26 @@ def test_sentence_train_saves_a_budget_model(tmp_path, capsys):
     theirs = SentenceTransformer(str(model), device="cpu", trust_remote_code=True).encode(TEXTS)
     ours = SentenceEncoder.from_pretrained(model).encode(TEXTS, tokenizer()).numpy()
     assert abs(theirs - ours).max() <= TOL
+
+
+def test_mean_classifier_pooling_exports_with_our_modeling_file(tmp_path):
+    """classifier_pooling="mean" has no transformers BERT class: the folder carries our modeling file, and
+    transformers computes what we do, for both heads that read it."""
+    config = tiny(classifier_pooling="mean")
+    assert not config.hf_compatible
+    for head, num_labels in (("sequence_classification", 3), ("multiple_choice", None)):
+        ours = randomized(head, num_labels, config)
+        save_model(ours, tmp_path / head, tokenizer=tokenizer())
+        assert (tmp_path / head / export.MODELING_FILE).is_file()
+        theirs = AUTO[head].from_pretrained(tmp_path / head, trust_remote_code=True).eval()
+        assert_close(ours_outputs(head, ours, batch(head)), hf_outputs(head, theirs, batch(head)))
+        loaded = load_model(tmp_path / head)
+        assert loaded.config.classifier_pooling == "mean"
+        with pytest.raises(BertforgeError, match="classifier_pooling='mean'"):
+            export_hf_plain(ours, tmp_path / f"{head}-plain")
+
+
+def export_hf_plain(model, folder):
+    from bertforge.model.loading import export_hf
+
+    export_hf(model, folder, tokenizer=tokenizer())

@@ -233,6 +233,26 @@ def test_evaluate_and_predict_reproduce_finetune(tiny_model, shared_data, tmp_pa
     assert all(r["label"] == "" for r in test_rows)
 
 
+def test_model_settings_for_finetuning_reach_the_saved_model(tiny_model, shared_data, tmp_path):
+    """model.classifier_pooling / model.*dropout* replace the pretrained model's values for fine-tuning, are
+    saved with the fine-tuned model (mean pooling: with our modeling file) and score the same in `evaluate`;
+    a setting that fixes weight shapes is refused."""
+    rows = (shared_data / "sst2/dev.tsv").read_text(encoding="utf-8").splitlines()[:33]
+    (tmp_path / "dev.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    out = tmp_path / "run"
+    result = run(out, tiny_model, "sst2", f"data.path={shared_data}/sst2", f"data.dev_files={tmp_path}/dev.tsv",
+                 "model.classifier_pooling=mean",
+                 "model.hidden_dropout_prob=0.2", "model.classifier_dropout=0.3")
+    loaded = load_model(out / "model")
+    assert (loaded.config.classifier_pooling, loaded.config.hidden_dropout_prob,
+            loaded.config.classifier_dropout) == ("mean", 0.2, 0.3)
+    assert loaded.config.attention_probs_dropout_prob == load_model(tiny_model).config.attention_probs_dropout_prob
+    assert (out / "model" / "modeling_bertforge.py").is_file()
+    assert evaluate(out / "model", str(tmp_path / "dev.tsv"))["accuracy"] == result["accuracy"]
+    with pytest.raises(BertforgeError, match="model.hidden_size"):
+        run(tmp_path / "bad", tiny_model, "sst2", f"data.path={shared_data}/sst2", "model.hidden_size=64")
+
+
 @pytest.mark.slow
 def test_minilm_hf_directory(shared_data, tmp_path):
     """all-MiniLM-L6-v2 (a sentence-transformers / HF folder) fine-tuned on SST-2; the saved model

@@ -12,7 +12,7 @@ from tiny import tiny_config as tiny
 
 from bertforge.errors import BertforgeError
 from bertforge.model.bert import PRESETS, BertConfig, BertModel
-from bertforge.model.heads import BertForMaskedLM, BertForMultipleChoice
+from bertforge.model.heads import BertForMaskedLM, BertForMultipleChoice, BertForSequenceClassification
 from bertforge.model.hf_compat import expected_shapes
 
 TOL = 1e-5
@@ -245,3 +245,30 @@ def test_sparse_last_layer_equals_full_encoder_loss_and_gradients(norm_position,
     with_states = model(ids, mask, types, labels=labels, output_hidden_states=True)  # the full path
     assert abs(with_states.loss.item() - ref.item()) <= TOL
     assert with_states.hidden_states[-1].shape == (*ids.shape, config.hidden_size)
+
+
+def test_mean_classifier_pooling_reads_the_real_tokens_only():
+    """classifier_pooling="mean": the tanh pooler over the mean of the unpadded tokens' final states, so
+    padding a sequence leaves its logits alone; "cls" (BERT's) reads the first token."""
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny(classifier_pooling="mean"), num_labels=3).eval()
+    ids = torch.tensor([[2, 9, 17, 23, 3]])
+    padded = torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    mask = (padded != 0).long()
+    with torch.no_grad():
+        alone = model(ids).logits
+        with_pads = model(padded, attention_mask=mask).logits
+        h = model.bert(ids).last_hidden_state
+        by_hand = model.classifier(torch.tanh(model.bert.pooler(h.mean(dim=1))))
+        cls = BertForSequenceClassification(tiny(), num_labels=3).eval()
+        cls.load_state_dict(model.state_dict())
+        first = cls.classifier(cls.bert(ids).pooler_output)
+    assert torch.allclose(alone, with_pads, atol=1e-6)
+    assert torch.allclose(alone, by_hand, atol=1e-6)
+    assert not torch.allclose(cls(ids).logits.detach(), alone, atol=1e-3)
+    assert torch.allclose(cls(ids).logits.detach(), first.detach(), atol=1e-6)
+    with pytest.raises(BertforgeError, match="classifier_pooling 'max'"):
+        tiny(classifier_pooling="max")
+    with pytest.raises(BertforgeError, match=r"\['hidden_size'\] fix the weights' shapes"):
+        tiny().with_runtime(hidden_size=64)
+    assert tiny().with_runtime(hidden_dropout_prob=0.1).hidden_dropout_prob == 0.1

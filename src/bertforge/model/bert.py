@@ -61,6 +61,9 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
     classifier_dropout: float | None = None
+    # what the classification and multiple-choice heads read (ModernBERT's field): the [CLS] state, or the
+    # mean of the real tokens' states; either then goes through the tanh pooler
+    classifier_pooling: str = "cls"  # "cls" | "mean"
     # bertforge switches (the HF-compatible values are the defaults)
     norm_position: str = "post"  # "post" | "pre"
     bias: bool = True
@@ -93,6 +96,8 @@ class BertConfig:
         check(self.ffn in ("mlp", "geglu"), f"ffn '{self.ffn}': use 'mlp' or 'geglu'")
         check(self.position_embedding_type in ("absolute", "rotary"),
               f"position_embedding_type '{self.position_embedding_type}': use 'absolute' or 'rotary'")
+        check(self.classifier_pooling in ("cls", "mean"),
+              f"classifier_pooling '{self.classifier_pooling}': use 'cls' or 'mean'")
         check(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
         check(self.attn_implementation in ("sdpa", "eager"),
               f"attn_implementation '{self.attn_implementation}': use 'sdpa' or 'eager'")
@@ -114,9 +119,9 @@ class BertConfig:
 
     @property
     def hf_compatible(self) -> bool:
-        """True when Hugging Face's BertModel can hold these weights exactly."""
+        """True when Hugging Face's BERT classes hold these weights and compute what ours do."""
         return (self.norm_position == "post" and self.bias and self.ffn == "mlp"
-                and self.position_embedding_type == "absolute")
+                and self.position_embedding_type == "absolute" and self.classifier_pooling == "cls")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,6 +135,15 @@ class BertConfig:
             raise BertforgeError(f"unknown model config keys {unknown}: remove them or check their spelling")
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    def with_runtime(self, **values) -> BertConfig:
+        """A copy with settings that leave the weights' shapes alone (dropout, classifier pooling, attention
+        kernel, gradient checkpointing), as Hugging Face's `from_pretrained(path, hidden_dropout_prob=...)`."""
+        other = sorted(set(values) - set(RUNTIME_FIELDS))
+        if other:
+            raise BertforgeError(f"model setting(s) {other} fix the weights' shapes and cannot change on a trained "
+                                 f"model: change only {', '.join(RUNTIME_FIELDS)}")
+        return replace(self, **values)
+
     @classmethod
     def from_preset(cls, name: str, **overrides) -> BertConfig:
         if name not in PRESETS:
@@ -139,6 +153,10 @@ class BertConfig:
             raise BertforgeError(f"unknown model config keys {unknown}: use BertConfig fields such as hidden_size")
         return replace(PRESETS[name], **overrides)
 
+
+# BertConfig fields a trained model may change (its weights fit either way)
+RUNTIME_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "classifier_pooling",
+                  "attn_implementation", "gradient_checkpointing")
 
 # The budget recipe (Cramming, ModernBERT): pre-LN, no biases, GeGLU, no dropout.
 _BUDGET = dict(norm_position="pre", bias=False, ffn="geglu", hidden_dropout_prob=0.0,

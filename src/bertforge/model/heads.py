@@ -123,8 +123,23 @@ class BertForPreTraining(nn.Module):
         return PreTrainingOutput(loss, mlm_loss, nsp_loss, logits, nsp_logits, out.hidden_states)
 
 
+def classifier_input(bert: BertModel, out, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """What a classifier reads (B, H): the tanh pooler over the [CLS] state (`classifier_pooling="cls"`,
+    BERT's) or over the mean of the real tokens' final states ("mean", ModernBERT's option)."""
+    if bert.config.classifier_pooling == "cls":
+        return out.pooler_output
+    h = out.last_hidden_state  # (B, T, H)
+    if attention_mask is None:
+        mean = h.mean(dim=1)
+    else:
+        m = attention_mask.to(h.dtype).unsqueeze(-1)  # (B, T, 1)
+        mean = (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+    return torch.tanh(bert.pooler(mean))  # (B, H)
+
+
 class BertForSequenceClassification(nn.Module):
-    """Dropout + linear on the pooled [CLS]; num_labels == 1 is regression (MSE)."""
+    """Dropout + linear on the pooled [CLS] (or mean, see `classifier_input`); num_labels == 1 is
+    regression (MSE)."""
 
     def __init__(self, config: BertConfig, num_labels: int = 2):
         super().__init__()
@@ -139,7 +154,7 @@ class BertForSequenceClassification(nn.Module):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
                 output_hidden_states: bool = False) -> ClassifierOutput:
         out = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states=output_hidden_states)
-        logits = self.classifier(self.dropout(out.pooler_output))  # (B, num_labels)
+        logits = self.classifier(self.dropout(classifier_input(self.bert, out, attention_mask)))  # (B, num_labels)
         loss = None
         if labels is not None:
             if self.num_labels == 1:
@@ -174,7 +189,7 @@ class BertForQuestionAnswering(nn.Module):
 
 
 class BertForMultipleChoice(nn.Module):
-    """Each (context, choice) pair scored by a linear on its pooled [CLS]; softmax over choices."""
+    """Each (context, choice) pair scored by a linear on its pooled [CLS] (or mean); softmax over choices."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -195,7 +210,8 @@ class BertForMultipleChoice(nn.Module):
 
         out = self.bert(flat(input_ids), flat(attention_mask), flat(token_type_ids),
                         output_hidden_states=output_hidden_states)
-        logits = self.classifier(self.dropout(out.pooler_output)).view(B, C)  # (B, C)
+        pooled = classifier_input(self.bert, out, flat(attention_mask))  # (B * C, H)
+        logits = self.classifier(self.dropout(pooled)).view(B, C)  # (B, C)
         if choice_mask is not None:
             logits = logits.masked_fill(~choice_mask.bool(), torch.finfo(logits.dtype).min)
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None

@@ -249,7 +249,9 @@ def require_hf_compatible(config: BertConfig) -> None:
     """Raise unless Hugging Face's BERT can hold a model with this config exactly."""
     if not config.hf_compatible:
         why = [s for s, bad in (("norm_position='pre'", config.norm_position != "post"),
-                                ("bias=False", not config.bias), ("ffn='geglu'", config.ffn != "mlp")) if bad]
+                                ("bias=False", not config.bias), ("ffn='geglu'", config.ffn != "mlp"),
+                                ("position_embedding_type='rotary'", config.position_embedding_type != "absolute"),
+                                ("classifier_pooling='mean'", config.classifier_pooling != "cls")) if bad]
         raise BertforgeError(f"model config with {', '.join(why)} has no Hugging Face BERT equivalent: "
                              f"save_model and `bertforge convert --to hf` write it with its own modeling file "
                              f"(load with trust_remote_code=True)")

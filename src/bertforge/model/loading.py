@@ -164,9 +164,10 @@ def write_atomic(target: Path, write: Callable[[Path], None]) -> None:
 
 # ----------------------------------------------------------------------------- loading
 
-def load_model(path: str | os.PathLike, head: str | None = None, *,
-               num_labels: int | None = None) -> LoadedModel:
-    """Load our directory, an HF BERT directory or a sentence-transformers directory (see module doc)."""
+def load_model(path: str | os.PathLike, head: str | None = None, *, num_labels: int | None = None,
+               config_overrides: Mapping[str, Any] | None = None) -> LoadedModel:
+    """Load our directory, an HF BERT directory or a sentence-transformers directory (see module doc).
+    `config_overrides`: settings that leave the weights alone (`BertConfig.with_runtime`), e.g. dropout."""
     root = Path(path)
     if not root.exists():
         raise BertforgeError(f"model path '{root}' does not exist: pass a directory written by save_model, "
@@ -186,6 +187,8 @@ def load_model(path: str | os.PathLike, head: str | None = None, *,
         source = "bertforge" if isinstance(raw.get("bertforge"), dict) else "hf"
     if st_meta is not None:
         meta.update(st_meta)
+    if config_overrides:
+        config = config.with_runtime(**config_overrides)
     head = head or saved_head
     model, initialized, discarded, num_labels = _fit(sd, config, saved_head, meta.get("num_labels"), head,
                                                      num_labels, str(model_dir), strict_extra=source == "bertforge")

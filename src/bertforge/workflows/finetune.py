@@ -74,6 +74,16 @@ class FinetuneDataConfig(TaskSettings):
 @dataclass
 class FinetuneModelConfig:
     path: str = ""  # our model directory, an HF BERT or a sentence-transformers directory (or a hub id)
+    # None keeps the model's own value; set, they replace it for fine-tuning and in the saved model (a budget
+    # model pretrains without dropout; a small task may want it back)
+    hidden_dropout_prob: float | None = None
+    attention_probs_dropout_prob: float | None = None
+    classifier_dropout: float | None = None
+    classifier_pooling: str | None = None  # "cls" (BERT's) | "mean" (the real tokens' mean, ModernBERT's option)
+
+    def runtime(self) -> dict:
+        """The settings given, as `load_model(config_overrides=...)` takes them."""
+        return {k: v for k, v in asdict(self).items() if k != "path" and v is not None}
 
 
 DEFAULT_EPOCHS = 3.0  # train.epochs when unset
@@ -202,7 +212,8 @@ def load_splits(cfg: FinetuneRunConfig, adapter: TaskAdapter) -> tuple[list, dic
 def _load(cfg: FinetuneRunConfig, adapter: TaskAdapter, settings: TaskSettings):
     from bertforge.wordpiece import WordPieceTokenizer
 
-    loaded = load_model(cfg.model.path, head=adapter.head, num_labels=adapter.num_labels)
+    loaded = load_model(cfg.model.path, head=adapter.head, num_labels=adapter.num_labels,
+                        config_overrides=cfg.model.runtime())
     tokenizer = WordPieceTokenizer.from_pretrained(cfg.tokenizer) if cfg.tokenizer else loaded.tokenizer
     require(tokenizer is not None, f"model '{cfg.model.path}' has no tokenizer files: pass tokenizer=PATH")
     require(tokenizer.vocab_size <= loaded.config.vocab_size, f"tokenizer of {tokenizer.vocab_size} tokens "
