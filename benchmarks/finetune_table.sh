@@ -9,6 +9,8 @@
 # Data from ../shared/data (the repository's sibling). Writes OUT/<task>/ and OUT/report/report.md.
 # A finished task (its metrics.json exists) is skipped, so a stopped table resumes. EXTRA="KEY=VALUE ..."
 # is appended to every run, e.g. EXTRA="data.max_train_examples=16 data.max_eval_examples=16" for a smoke run.
+# For a small from-scratch model: LR 3e-4 and EXTRA="model.classifier_pooling=mean model.hidden_dropout_prob=0.1"
+# (docs/RESULTS.md, "Fine-tuning: the from-scratch checkpoint").
 set -euo pipefail
 MODEL=${1:?usage: finetune_table.sh MODEL OUT [LR]}
 OUT=${2:?usage: finetune_table.sh MODEL OUT [LR]}
